@@ -1,0 +1,104 @@
+"""Every registered model: initialises, runs, and has exactly timm's parameter count."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import zoo
+
+# Trainable parameters at num_classes=1000, as timm counts them (shared/FACTS.md).
+# A registered model without a pinned count fails `test_every_model_has_a_pinned_count`.
+PARAM_COUNTS = {
+    # ResNet family (timm)
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "resnext50_32x4d": 25_028_904,
+    "wide_resnet50_2": 68_883_240,
+    # CIFAR ResNets (He et al. 2016), option-A shortcuts: 0.27M for ResNet-20 at 10 classes
+    # as in the paper's table 6; pinned here at 1000 classes like the rest.
+    "resnet8": 139_640,
+    "resnet20": 334_072,
+    "resnet32": 528_504,
+    "resnet44": 722_936,
+    "resnet56": 917_368,
+}
+
+# Input side for the run test: 32 unless a model needs another (e.g. a window size to divide).
+SMALL_INPUT = 32
+TEST_INPUT_SIZE: dict[str, int] = {}
+# Models too slow to run eagerly in CI (> ~5 s each); `pytest -m slow` runs them.
+SLOW_TO_RUN = {"resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"}
+
+
+def num_params(model, size=SMALL_INPUT):
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+    return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+def input_size(name):
+    return TEST_INPUT_SIZE.get(name, SMALL_INPUT)
+
+
+def test_every_model_has_a_pinned_count():
+    missing = [n for n in zoo.list_models() if n not in PARAM_COUNTS]
+    assert not missing, f"pin the parameter count of {missing} in PARAM_COUNTS"
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_param_count_equals_timm(name):
+    model = zoo.create_model(name, num_classes=1000)
+    assert num_params(model, input_size(name)) == PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TO_RUN else n for n in zoo.list_models()],
+)
+def test_model_runs_train_and_eval(name):
+    size = input_size(name)
+    model = zoo.create_model(name, num_classes=7)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    logits = model.apply(variables, x, train=False)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    out, updates = model.apply(
+        variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)}, mutable=["batch_stats"]
+    )
+    assert out.shape == (2, 7) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20"])
+def test_num_classes_zero_returns_pooled_features(name):
+    model = zoo.create_model(name, num_classes=0)
+    x = jnp.zeros((2, SMALL_INPUT, SMALL_INPUT, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    features = model.apply(variables, x, train=False)
+    assert features.shape == (2, 512 if name == "resnet18" else 64)
+
+
+def test_unknown_model_lists_close_matches():
+    with pytest.raises(ValueError, match=r"unknown model 'resnt50'; did you mean: resnet50"):
+        zoo.create_model("resnt50")
+
+
+def test_unknown_override_names_the_model():
+    with pytest.raises(ValueError, match="resnet18"):
+        zoo.create_model("resnet18", num_clases=3)
+
+
+def test_list_models_glob():
+    assert zoo.list_models("resnet5*") == ["resnet50", "resnet56"]
+
+
+def test_bfloat16_compute_keeps_float32_logits_and_params():
+    model = zoo.create_model("resnet20", dtype=jnp.bfloat16)
+    x = jnp.ones((2, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    assert model.apply(variables, x, train=False).dtype == jnp.float32

@@ -1,0 +1,10 @@
+"""zoo: a JAX/Flax image-classification model zoo and research codebase.
+
+import zoo
+zoo.list_models("resnet*")
+model = zoo.create_model("resnet50", num_classes=10)
+"""
+
+from zoo.models import create_model, list_models, model_entry, register_model  # noqa: F401
+
+__version__ = "0.1.0"

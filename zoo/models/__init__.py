@@ -1,0 +1,11 @@
+"""Model families; importing a family's module registers its variants."""
+
+from zoo.models import resnet  # noqa: F401
+from zoo.models.catalog import (  # noqa: F401
+    MODELS,
+    PretrainedConfig,
+    create_model,
+    list_models,
+    model_entry,
+    register_model,
+)
