@@ -6,5 +6,6 @@ model = zoo.create_model("resnet50", num_classes=10)
 """
 
 from zoo.models import create_model, list_models, model_entry, register_model  # noqa: F401
+from zoo.models.pretrained import load_pretrained, load_state_dict  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""Load timm/torchvision weights into zoo models, checking every name and shape.
+
+    import zoo
+    variables = zoo.load_pretrained("vit_small_patch16_224", "model.safetensors")
+    model = zoo.create_model("vit_small_patch16_224")
+    logits = model.apply(variables, images, train=False)
+
+    # Fine-tuning on 10 classes: the classifier head is re-initialised (with a warning).
+    model = zoo.create_model("resnet50", num_classes=10)
+    variables = zoo.load_pretrained(model, "resnet50.pth", model_name="resnet50")
+
+Weights come as a `.safetensors` file, a `.pth`/`.pt`/`.bin` file (read with
+`torch.load(weights_only=True)`, never an unrestricted pickle; `{'state_dict': ...}`,
+`{'model': ...}` wrappers and DataParallel's `module.` prefix are unwrapped), a `.npz`, or a
+dict of arrays. Each family's converter (`from_timm`, registered with the model) renames the
+timm state_dict into flax variables; this module then compares the result against
+`jax.eval_shape(model.init)` and fails with the names of missing or unexpected parameters and
+of any parameter whose shape differs, except the classifier head (`head=` of
+`register_model`) when the number of classes differs: that one is re-initialised.
+
+torch and safetensors are the optional `[convert]` extra and are only imported inside the
+functions that read those files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from zoo.models.catalog import MODELS, ModelEntry, create_model, model_entry
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if value.dtype.is_floating_point:
+            value = value.float()  # numpy has no bfloat16
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _unwrap(obj: Any) -> Mapping[str, Any]:
+    """Finds the state_dict inside common checkpoint wrappers."""
+    while isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "module", "state_dict_ema", "model_ema"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+        else:
+            return obj
+    raise ValueError(f"expected a state_dict (a mapping of names to tensors), got {type(obj)}")
+
+
+def load_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> StateDict:
+    """Reads weights into a flat `{name: numpy array}` (floats as float32).
+
+    Args:
+      path_or_state_dict: a `.safetensors`, `.pth`/`.pt`/`.bin` (torch, `weights_only=True`)
+        or `.npz` file, or a mapping of names to arrays/tensors.
+
+    Returns:
+      The state_dict, wrappers (`state_dict`, `model`, ...) and a `module.` prefix removed.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        raw = path_or_state_dict
+    else:
+        path = os.fspath(path_or_state_dict)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no weights file at '{path}'")
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file  # lazy: the [convert] extra
+
+            raw = load_file(path, device="cpu")
+        elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
+            import torch  # lazy: the [convert] extra
+
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        elif path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                raw = dict(data)
+        else:
+            raise ValueError(
+                f"unknown weights format '{path}': expected .safetensors, .pth/.pt/.bin or .npz"
+            )
+    state = _unwrap(raw)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        if not hasattr(value, "shape"):
+            continue  # e.g. a stray epoch counter
+        array = _to_numpy(value)
+        out[key] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+    return out
+
+
+# --------------------------------------------------------------------------- generic renaming
+
+
+def torch_to_flax(state_dict: StateDict, rename=None) -> dict[str, Any]:
+    """The generic part of every converter: torch names and layouts -> nested flax variables.
+
+    `blocks.0.attn.qkv.weight` -> params/blocks_0/attn/qkv/kernel (an index joins its parent
+    with "_", as flax names list elements). Linear weights [out, in] -> kernel [in, out]; conv
+    OIHW -> HWIO; 1-d weights (norms) -> scale; BatchNorm running_mean/var -> batch_stats.
+
+    Args:
+      state_dict: flat torch names to numpy arrays.
+      rename: optional `fn(key, value) -> (key, value) | None`, applied first; returning
+        None drops the entry, returning a key whose last part is not a torch leaf name
+        ("weight", "bias", ...) stores the value at that exact path unchanged.
+
+    Returns:
+      {'params': ..., 'batch_stats': ...} (batch_stats only when present), nested dicts.
+    """
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for key, value in state_dict.items():
+        if rename is not None:
+            renamed = rename(key, value)
+            if renamed is None:
+                continue
+            key, value = renamed
+        *module, leaf = key.split(".")
+        path: list[str] = []
+        for part in module:
+            if part.isdigit() and path:
+                path[-1] = f"{path[-1]}_{part}"
+            else:
+                path.append(part)
+        value = np.asarray(value)
+        if leaf == "num_batches_tracked":
+            continue
+        if leaf == "running_mean":
+            flat[("batch_stats", *path, "mean")] = value
+        elif leaf == "running_var":
+            flat[("batch_stats", *path, "var")] = value
+        elif leaf == "weight" and value.ndim == 4:
+            flat[("params", *path, "kernel")] = value.transpose(2, 3, 1, 0)
+        elif leaf == "weight" and value.ndim == 2:
+            flat[("params", *path, "kernel")] = value.T
+        elif leaf == "weight":
+            flat[("params", *path, "scale")] = value
+        elif leaf == "bias":
+            flat[("params", *path, "bias")] = value
+        else:  # a bare parameter (cls_token, pos_embed, ...), kept as is
+            flat[("params", *path, leaf)] = value
+    return traverse_util.unflatten_dict(flat)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _find_entry(model: nn.Module, model_name: str | None) -> tuple[str, ModelEntry]:
+    if model_name is not None:
+        return model_name, model_entry(model_name)
+    # Without a name, any registered variant of the same module class has the same converter.
+    for name in MODELS:
+        entry = model_entry(name)
+        if entry.from_timm is not None and type(entry.factory()) is type(model):
+            return name, entry
+    raise ValueError(f"no registered model builds a {type(model).__name__}; pass model_name=")
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(path)
+
+
+def load_pretrained(
+    model_name_or_module: str | nn.Module,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    rng: jax.Array | None = None,
+) -> dict[str, Any]:
+    """timm/torchvision weights -> flax variables for a zoo model, checked name by name.
+
+    Args:
+      model_name_or_module: a registry name (the model is built with `create_model(name,
+        num_classes=num_classes)`), or a built module (its own `num_classes` is used, or
+        `num_classes` if given).
+      path_or_state_dict: a `.safetensors`, `.pth`/`.pt`/`.bin` or `.npz` file, or a dict of
+        arrays (see `load_state_dict`).
+      model_name: registry name whose converter to use, when a module is given; found from the
+        module's class when omitted.
+      num_classes: classes of the model's head. When it differs from the weights', the head
+        parameters are re-initialised from `rng` and a warning says so.
+      input_size: side of the dummy input used to infer shapes; default: the model's
+        pretrained input size, else 224.
+      rng: PRNG key for re-initialised parameters (default PRNGKey(0)).
+
+    Returns:
+      Variables `{'params': ..., ['batch_stats': ...]}` as jax arrays in the model's
+      `param_dtype`, ready for `model.apply(variables, x, train=False)`.
+
+    Raises:
+      ValueError: naming missing and unexpected parameters, or a parameter whose shape
+        differs from the model's (other than the classifier head).
+    """
+    if isinstance(model_name_or_module, str):
+        model_name = model_name_or_module
+        kw = {} if num_classes is None else {"num_classes": num_classes}
+        model = create_model(model_name, **kw)
+    else:
+        model = model_name_or_module
+        if num_classes is not None and num_classes != getattr(model, "num_classes", None):
+            model = model.clone(num_classes=num_classes)
+    model_name, entry = _find_entry(model, model_name)
+    if entry.from_timm is None:
+        raise ValueError(f"model '{model_name}' has no timm converter (from_timm)")
+
+    state_dict = load_state_dict(path_or_state_dict)
+    converted = traverse_util.flatten_dict(entry.from_timm(state_dict, model))
+
+    if input_size is None:
+        input_size = entry.pretrained.input_size[0] if entry.pretrained else 224
+    dummy = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+
+    def init():
+        return model.init({"params": rng, "dropout": rng}, dummy, train=False)
+
+    expected = traverse_util.flatten_dict(jax.eval_shape(init))
+
+    def is_head(path: tuple[str, ...]) -> bool:
+        return path[0] == "params" and len(path) > 1 and path[1] in entry.head
+
+    missing = [p for p in expected if p not in converted]
+    unexpected = [p for p in converted if p not in expected]
+    mismatched = [p for p in expected if p in converted and converted[p].shape != expected[p].shape]
+    reinit = [p for p in missing + mismatched if is_head(p)]
+    dropped_head = [p for p in unexpected if is_head(p)]  # weights' head, model has none
+    missing = [p for p in missing if p not in reinit]
+    mismatched = [p for p in mismatched if p not in reinit]
+    unexpected = [p for p in unexpected if p not in dropped_head]
+
+    problems = []
+    if missing:
+        problems.append("missing: " + ", ".join(map(_dotted, missing)))
+    if unexpected:
+        problems.append("unexpected: " + ", ".join(map(_dotted, unexpected)))
+    for p in mismatched:
+        problems.append(
+            f"shape mismatch for {_dotted(p)}: weights {tuple(converted[p].shape)}, "
+            f"model {tuple(expected[p].shape)}"
+        )
+    if problems:
+        raise ValueError(
+            f"weights do not fit '{model_name}' (num_classes={getattr(model, 'num_classes', '?')})"
+            ":\n  " + "\n  ".join(problems)
+        )
+
+    out = {
+        p: jnp.asarray(converted[p], dtype=expected[p].dtype) for p in expected if p in converted
+    }
+    if reinit:
+        message = (
+            f"re-initialised classifier head of '{model_name}' "
+            f"({', '.join(map(_dotted, reinit))}): the weights' head has another number of "
+            f"classes than the model's {getattr(model, 'num_classes', '?')}"
+        )
+        log.warning(message)
+        warnings.warn(message, stacklevel=2)
+        fresh = traverse_util.flatten_dict(jax.jit(init)())
+        out.update({p: fresh[p] for p in reinit})
+    if dropped_head:
+        log.info("dropped the weights' head (%s): model has num_classes=0", len(dropped_head))
+    return traverse_util.unflatten_dict({p: out[p] for p in expected})
