@@ -24,6 +24,16 @@ PARAM_COUNTS = {
     "resnet32": 528_504,
     "resnet44": 722_936,
     "resnet56": 917_368,
+    # ViT / DeiT (timm)
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+    "vit_base_patch32_224": 88_224_232,
+    "vit_large_patch16_224": 304_326_632,
+    "deit_tiny_patch16_224": 5_717_416,
+    "deit_small_patch16_224": 22_050_664,
+    "deit_base_patch16_224": 86_567_656,
+    "deit_base_distilled_patch16_224": 87_338_192,
 }
 
 # Input side for the run test: 32 unless a model needs another (e.g. a window size to divide).
@@ -31,6 +41,13 @@ SMALL_INPUT = 32
 TEST_INPUT_SIZE: dict[str, int] = {}
 # Models too slow to run eagerly in CI (> ~5 s each); `pytest -m slow` runs them.
 SLOW_TO_RUN = {"resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"}
+SLOW_TO_RUN |= {
+    "vit_base_patch16_224",
+    "vit_base_patch32_224",
+    "vit_large_patch16_224",
+    "deit_base_patch16_224",
+    "deit_base_distilled_patch16_224",
+}
 
 
 def num_params(model, size=SMALL_INPUT):

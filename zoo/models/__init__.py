@@ -1,6 +1,9 @@
 """Model families; importing a family's module registers its variants."""
 
-from zoo.models import resnet  # noqa: F401
+from zoo.models import (
+    resnet,  # noqa: F401
+    vit,  # noqa: F401
+)
 from zoo.models.catalog import (  # noqa: F401
     MODELS,
     PretrainedConfig,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,3 +32,151 @@ class DropPath(nn.Module):
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, C], accumulated in float32."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU with the exact erf form, as torch's `nn.GELU()` (flax's default is the tanh fit)."""
+    return nn.gelu(x, approximate=False)
+
+
+class Mlp(nn.Module):
+    """Two dense layers with an activation between them (the transformer/ConvNeXt MLP).
+
+    Submodules `fc1`/`fc2` are named after timm's `Mlp`. Acts on the last axis, so it serves
+    tokens [B, N, C] and channels-last feature maps [B, H, W, C] alike.
+    """
+
+    hidden_features: int
+    out_features: int | None = None
+    act: Callable[[jax.Array], jax.Array] = gelu_exact
+    drop_rate: float = 0.0
+    kernel_init: Callable = nn.initializers.truncated_normal(0.02)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        kw = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        out_features = self.out_features or x.shape[-1]
+        x = self.act(nn.Dense(self.hidden_features, name="fc1", **kw)(x))
+        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = nn.Dense(out_features, name="fc2", **kw)(x)
+        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale of a residual branch (Touvron et al. 2021, CaiT).
+
+    The parameter is `gamma` [C], as in timm, initialised to `init_value`.
+    """
+
+    init_value: float = 1e-5
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param(
+            "gamma", nn.initializers.constant(self.init_value), (x.shape[-1],), self.param_dtype
+        )
+        return x * gamma.astype(x.dtype)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) on a channels-last feature map.
+
+    Global average pool -> `conv_reduce` -> act -> `conv_expand` -> sigmoid gate on the
+    channels. The two 1x1 convolutions act on a pooled vector, so they are dense layers here
+    (timm's names kept, kernels [in, out]).
+    """
+
+    reduced_features: int
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+    gate: Callable[[jax.Array], jax.Array] = nn.sigmoid
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        s = global_avg_pool(x)  # [B, C]
+        s = self.act(nn.Dense(self.reduced_features, name="conv_reduce", **kw)(s))
+        s = nn.Dense(x.shape[-1], name="conv_expand", **kw)(s)
+        return x * self.gate(s)[:, None, None, :].astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- transformer blocks
+# Shared by ViT/DeiT, Swin and ConvNeXt. Submodule names follow timm's state_dict keys
+# (`qkv`, `proj`) so that converters are a rename plus layout transposes.
+
+# timm initialises every Linear of a transformer with trunc_normal(std=.02) and zero bias.
+dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def layer_norm(epsilon: float = 1e-6, dtype: Any = jnp.float32, **kw) -> nn.LayerNorm:
+    """torch-equivalent LayerNorm: two-pass variance (flax's default fast variance,
+    E[x^2] - E[x]^2, loses digits on large activations and breaks 1e-4 parity with timm)."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, **kw)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused `qkv` projection (Vaswani et al. 2017).
+
+    `bias` is added to the attention logits: Swin's relative position bias plus shift mask,
+    broadcastable to [B, heads, N, N]. Logits and softmax are computed in float32.
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    attn_dropout_rate: float = 0.0
+    proj_dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, name="qkv", **kw)(x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+        logits = logits.astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.attn_dropout_rate, deterministic=not train)(weights)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
+        out = nn.Dense(dim, name="proj", **kw)(out)
+        return nn.Dropout(self.proj_dropout_rate, deterministic=not train)(out)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens: a patch_size-strided convolution (+ optional
+    LayerNorm, as in Swin). [B, H, W, C] -> [B, H / patch, W / patch, embed_dim] (NHWC)."""
+
+    embed_dim: int
+    patch_size: int = 16
+    norm: bool = False
+    norm_epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.patch_size
+        x = nn.Conv(
+            self.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            name="proj",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
+        if self.norm:
+            x = layer_norm(
+                self.norm_epsilon, self.dtype, param_dtype=self.param_dtype, name="norm"
+            )(x)
+        return x

@@ -16,7 +16,7 @@ dict of arrays. Each family's converter (`from_timm`, registered with the model)
 timm state_dict into flax variables; this module then compares the result against
 `jax.eval_shape(model.init)` and fails with the names of missing or unexpected parameters and
 of any parameter whose shape differs, except the classifier head (`head=` of
-`register_model`) when the number of classes differs: that one is re-initialised.
+`register_model`) when the number of classes differs: that one is re-initialised to zeros.
 
 torch and safetensors are the optional `[convert]` extra and are only imported inside the
 functions that read those files.
@@ -188,7 +188,6 @@ def load_pretrained(
     model_name: str | None = None,
     num_classes: int | None = None,
     input_size: int | None = None,
-    rng: jax.Array | None = None,
 ) -> dict[str, Any]:
     """timm/torchvision weights -> flax variables for a zoo model, checked name by name.
 
@@ -201,10 +200,9 @@ def load_pretrained(
       model_name: registry name whose converter to use, when a module is given; found from the
         module's class when omitted.
       num_classes: classes of the model's head. When it differs from the weights', the head
-        parameters are re-initialised from `rng` and a warning says so.
+        parameters are re-initialised to zeros and a warning says so.
       input_size: side of the dummy input used to infer shapes; default: the model's
         pretrained input size, else 224.
-      rng: PRNG key for re-initialised parameters (default PRNGKey(0)).
 
     Returns:
       Variables `{'params': ..., ['batch_stats': ...]}` as jax arrays in the model's
@@ -232,12 +230,12 @@ def load_pretrained(
     if input_size is None:
         input_size = entry.pretrained.input_size[0] if entry.pretrained else 224
     dummy = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rng = jax.random.PRNGKey(0)
 
     def init():
         return model.init({"params": rng, "dropout": rng}, dummy, train=False)
 
-    expected = traverse_util.flatten_dict(jax.eval_shape(init))
+    expected = traverse_util.flatten_dict(jax.eval_shape(init))  # shapes only, no compute
 
     def is_head(path: tuple[str, ...]) -> bool:
         return path[0] == "params" and len(path) > 1 and path[1] in entry.head
@@ -272,14 +270,15 @@ def load_pretrained(
     }
     if reinit:
         message = (
-            f"re-initialised classifier head of '{model_name}' "
+            f"re-initialised classifier head of '{model_name}' to zeros "
             f"({', '.join(map(_dotted, reinit))}): the weights' head has another number of "
             f"classes than the model's {getattr(model, 'num_classes', '?')}"
         )
         log.warning(message)
         warnings.warn(message, stacklevel=2)
-        fresh = traverse_util.flatten_dict(jax.jit(init)())
-        out.update({p: fresh[p] for p in reinit})
+        # Zeros, as big_vision initialises a fine-tuning head: the model starts from uniform
+        # predictions, and no forward pass (model.init) is needed to build the new head.
+        out.update({p: jnp.zeros(expected[p].shape, expected[p].dtype) for p in reinit})
     if dropped_head:
         log.info("dropped the weights' head (%s): model has num_classes=0", len(dropped_head))
     return traverse_util.unflatten_dict({p: out[p] for p in expected})
