@@ -24,6 +24,13 @@ PARAM_COUNTS = {
     "resnet32": 528_504,
     "resnet44": 722_936,
     "resnet56": 917_368,
+    # ConvNeXt (timm)
+    "convnext_atto": 3_695_520,
+    "convnext_nano": 15_593_560,
+    "convnext_tiny": 28_589_128,
+    "convnext_small": 50_223_688,
+    "convnext_base": 88_591_464,
+    "convnext_large": 197_767_336,
     # ViT / DeiT (timm)
     "vit_tiny_patch16_224": 5_717_416,
     "vit_small_patch16_224": 22_050_664,
@@ -48,6 +55,8 @@ SLOW_TO_RUN |= {
     "deit_base_patch16_224",
     "deit_base_distilled_patch16_224",
 }
+SLOW_TO_RUN |= {"convnext_nano", "convnext_tiny", "convnext_small", "convnext_base"}
+SLOW_TO_RUN |= {"convnext_large"}
 
 
 def num_params(model, size=SMALL_INPUT):

@@ -1,6 +1,7 @@
 """Model families; importing a family's module registers its variants."""
 
 from zoo.models import (
+    convnext,  # noqa: F401
     resnet,  # noqa: F401
     vit,  # noqa: F401
 )
