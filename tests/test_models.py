@@ -31,6 +31,33 @@ PARAM_COUNTS = {
     "convnext_small": 50_223_688,
     "convnext_base": 88_591_464,
     "convnext_large": 197_767_336,
+    # EfficientNet / -Lite (timm); the tf_* ports have the same counts
+    "efficientnet_b0": 5_288_548,
+    "efficientnet_b1": 7_794_184,
+    "efficientnet_b2": 9_109_994,
+    "efficientnet_b3": 12_233_232,
+    "efficientnet_b4": 19_341_616,
+    "efficientnet_b5": 30_389_784,
+    "efficientnet_b6": 43_040_704,
+    "efficientnet_b7": 66_347_960,
+    "efficientnet_lite0": 4_652_008,
+    "efficientnet_lite1": 5_416_680,
+    "efficientnet_lite2": 6_092_072,
+    "efficientnet_lite3": 8_197_096,
+    "efficientnet_lite4": 13_006_568,
+    "tf_efficientnet_b0": 5_288_548,
+    "tf_efficientnet_b1": 7_794_184,
+    "tf_efficientnet_b2": 9_109_994,
+    "tf_efficientnet_b3": 12_233_232,
+    "tf_efficientnet_b4": 19_341_616,
+    "tf_efficientnet_b5": 30_389_784,
+    "tf_efficientnet_b6": 43_040_704,
+    "tf_efficientnet_b7": 66_347_960,
+    "tf_efficientnet_lite0": 4_652_008,
+    "tf_efficientnet_lite1": 5_416_680,
+    "tf_efficientnet_lite2": 6_092_072,
+    "tf_efficientnet_lite3": 8_197_096,
+    "tf_efficientnet_lite4": 13_006_568,
     # ViT / DeiT (timm)
     "vit_tiny_patch16_224": 5_717_416,
     "vit_small_patch16_224": 22_050_664,
@@ -57,6 +84,9 @@ SLOW_TO_RUN |= {
 }
 SLOW_TO_RUN |= {"convnext_nano", "convnext_tiny", "convnext_small", "convnext_base"}
 SLOW_TO_RUN |= {"convnext_large"}
+# EfficientNets (many small ops, slow eagerly): only tf_efficientnet_lite0 runs in CI;
+# tests/test_efficientnet.py runs B0 jitted against timm.
+SLOW_TO_RUN |= {n for n in PARAM_COUNTS if "efficientnet_" in n} - {"tf_efficientnet_lite0"}
 
 
 def num_params(model, size=SMALL_INPUT):

@@ -2,6 +2,7 @@
 
 from zoo.models import (
     convnext,  # noqa: F401
+    efficientnet,  # noqa: F401
     resnet,  # noqa: F401
     vit,  # noqa: F401
 )
