@@ -300,7 +300,8 @@ _register(
     base_width=128,
 )
 
-# CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels, option A.
+# CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, 16/32/64 channels, option A,
+# and no zero-init of the last BN (as in the paper; on Fashion-MNIST it trained faster).
 for _depth in (8, 20, 32, 44, 56):
     _n = (_depth - 2) // 6
     _register(
@@ -312,5 +313,6 @@ for _depth in (8, 20, 32, 44, 56):
         stem="cifar",
         stem_width=16,
         shortcut="pad",
+        zero_init_last=False,
         num_classes=10,
     )

@@ -1,0 +1,102 @@
+"""Shared defaults of every config: each config file starts from `base()` and changes fields.
+
+Every key a run can take exists here, so the config is locked (a typo'd override is an error
+naming the key) and has one type per key (a wrong type is an error too).
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_epochs = 10.0  # used when total_steps is 0
+    c.total_steps = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet20"
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.drop_path_rate = 0.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "fashion_mnist_mini"
+    c.data.data_dir = ""  # where the dataset's files are, for sources that read files
+    c.data.download = True  # tfds: prepare a missing dataset; False fails at once instead
+    c.data.batch_size = 128  # global, over all devices and processes
+    c.data.eval_batch_size = 500
+    c.data.train_ops = "random_crop(padding=2)|flip"  # host per-image ops, see transforms.py
+    c.data.eval_ops = ""
+    c.data.num_workers = 0  # grain worker processes; 0 = in the main process
+
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "supervised"
+    c.method.label_smoothing = 0.0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # sgd | adamw
+    c.optim.lr = 0.1  # peak learning rate
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.weight_decay = 5e-4  # kernels only; see zoo/training/optim.py
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"  # cosine | constant
+    c.schedule.warmup_steps = 0  # if 0, warmup_epochs is used
+    c.schedule.warmup_epochs = 0.0
+    c.schedule.end_lr_factor = 0.0
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.every_steps = 0  # 0 = once per epoch
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.every_steps = 20
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "jit"  # jit over a ('data',) mesh of all devices
+    return c
+
+
+def check_overrides(argv: list[str], default_config: str) -> str | None:
+    """Checks every `--config.a.b=v` in `argv` names a key of the config file.
+
+    ml_collections rejects an unknown key with a traceback; this returns a one-line message
+    naming the key and the closest existing keys instead (None when all keys exist).
+    """
+    import difflib
+    import runpy
+
+    path = default_config
+    for arg in argv[1:]:
+        if arg.startswith("--config=") or arg.startswith("--config "):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+    try:
+        config = runpy.run_path(path)["get_config"]()
+    except FileNotFoundError:
+        return f"config file '{path}' not found"
+
+    def keys(node, prefix=""):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            yield name
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from keys(value, name + ".")
+
+    known = list(keys(config))
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config.") :].split("=", 1)[0]
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            hint = f"did you mean: {', '.join(close)}?" if close else f"known keys: {known}"
+            return f"unknown config key '{key}' in {arg}; {hint}"
+    return None

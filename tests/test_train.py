@@ -1,0 +1,123 @@
+"""End to end: train.py on the embedded dataset writes its outputs, resumes exactly after a
+SIGKILL, and rejects bad config overrides with a message naming the key."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A few steps of a tiny ResNet on the embedded dataset: checkpoints at steps 4, 8, 12.
+SHORT_RUN = [
+    "--config.model.name=resnet8",
+    "--config.total_steps=12",
+    "--config.data.batch_size=16",
+    "--config.data.eval_batch_size=1000",
+    "--config.checkpoint.every_steps=4",
+    "--config.evals.every_steps=6",
+    "--config.logging.every_steps=2",
+]
+
+
+def train(workdir, *args, wait=True):
+    env = {**os.environ, "XLA_FLAGS": ""}  # one device, like a user's laptop
+    command = [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}", *SHORT_RUN, *args]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
+
+
+def final_params(workdir, step=12):
+    state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / f"checkpoints/{step}/state")
+    return state["params"], state["model_state"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    output = train(workdir)
+    return workdir, output
+
+
+def test_short_run_writes_checkpoints_metrics_and_plots(uninterrupted):
+    workdir, output = uninterrupted
+    assert "final eval on 2000 images" in output
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 8, 12]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == [2, 4, 6, 8, 10, 12]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["count"] == 2000
+    assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss"]) for r in records)
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 12 and summary["eval_count"] == 2000
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    reference_workdir, _ = uninterrupted
+    process = train(tmp_path, wait=False)
+    deadline = time.time() + 300
+    # Kill as soon as the step-4 checkpoint is complete (orbax renames it into place when done).
+    while not (tmp_path / "checkpoints/4").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "checkpoints/12").exists(), "the run finished before the kill"
+
+    output = train(tmp_path)
+    assert "resumed at step" in output
+    params, model_state = final_params(tmp_path)
+    reference_params, reference_state = final_params(reference_workdir)
+    for got, want in ((params, reference_params), (model_state, reference_state)):
+        flat_got, flat_want = _flatten(got), _flatten(want)
+        assert flat_got.keys() == flat_want.keys()
+        for key in flat_want:
+            np.testing.assert_array_equal(flat_got[key], flat_want[key], err_msg=key)
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = np.asarray(value)
+    return out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.optim.lrr=0.1", "unknown config key 'optim.lrr'"),
+        ("--config.optim.lr=fast", "--config.optim.lr=fast"),
+        ("--config.modle.name=resnet8", "unknown config key 'modle.name'"),
+    ],
+)
+def test_bad_override_exits_nonzero_naming_the_key(tmp_path, override, message):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"--workdir={tmp_path}", override],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

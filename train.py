@@ -1,0 +1,48 @@
+"""Trains a model as a config says.
+
+    python train.py                                            # the main job (configs/default.py)
+    python train.py --config=configs/resnet20_fashion_mnist.py --workdir=runs/fmnist \
+        --config.optim.lr=0.05
+
+Outputs go to --workdir (default runs/<config name>); running again with the same workdir
+resumes from its latest checkpoint.
+"""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from configs.common import check_overrides  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent
+DEFAULT_CONFIG = str(ROOT / "configs/default.py")
+
+if __name__ == "__main__":  # ml_collections parses overrides when the flag is defined
+    problem = check_overrides(sys.argv, DEFAULT_CONFIG)
+    if problem:
+        sys.exit(f"train.py: {problem}")
+
+config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "Config file (Python, get_config()).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Output directory; default runs/<config file name>.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from zoo.training import loop
+
+    config = flags.FLAGS.config
+    config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
+    logging.set_verbosity(logging.WARNING)
+    loop.run(config, flags.FLAGS.workdir or str(ROOT / "runs" / config_name))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,104 @@
+"""grain input pipelines: per split and per process, deterministic and checkpointable.
+
+Train: shard by process -> shuffle (reshuffled each epoch) -> repeat -> per-image ops
+(seeded by data seed + example index) -> batch -> optional worker processes. The iterator's
+`get_state()`/`set_state()` is saved in every checkpoint, so a resumed run sees exactly the
+batches an uninterrupted run would have seen.
+
+Eval: shard by process -> eval ops -> fixed-size batches, the last one padded, with a `mask`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from zoo.data.datasets import DatasetSpec
+from zoo.data.transforms import build_ops, compose
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"data.batch_size={global_batch_size} must be divisible by the number of "
+            f"processes ({process_count})"
+        )
+    return global_batch_size // process_count
+
+
+def train_iterator(
+    spec: DatasetSpec,
+    data_config: Any,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of train batches for this process.
+
+    Batches are dicts of numpy arrays: `image` uint8 [B, H, W, C] and `label` int32 [B],
+    where B = data.batch_size / process_count.
+    """
+    batch_size = local_batch_size(data_config.batch_size, process_count)
+    source = spec.source("train", data_config)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < batch_size:
+        raise ValueError(
+            f"dataset '{spec.name}' has {len(ds)} training examples per process, fewer than "
+            f"one batch ({batch_size}); lower data.batch_size"
+        )
+    ds = ds.shuffle(seed=seed).repeat()
+    ops = build_ops(data_config.train_ops)
+    if ops:
+        ds = ds.random_map(compose(ops), seed=seed)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    iter_ds = ds.to_iter_dataset()
+    if data_config.num_workers > 0:
+        iter_ds = iter_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+        )
+    return iter(iter_ds)
+
+
+def eval_batches(
+    spec: DatasetSpec,
+    data_config: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example of this process once, in fixed-size batches with a `mask`.
+
+    Each process yields the same number of batches (padding with masked examples), so that
+    collectives in the eval step never wait on a process that ran out.
+    """
+    batch_size = local_batch_size(data_config.eval_batch_size, process_count)
+    source = spec.source("eval", data_config)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    eval_ops = build_ops(data_config.eval_ops)
+    if eval_ops:
+        ds = ds.map(lambda example: compose(eval_ops)(example, None))
+    num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+    batches = iter(ds.batch(batch_size).to_iter_dataset())
+    template = None
+    for _ in range(num_batches):
+        batch = next(batches, None)
+        if batch is None:  # this process's shard is exhausted: an all-padding batch
+            batch = {k: v[:0] for k, v in template.items()}
+        template = batch
+        yield pad_batch(batch, batch_size)
+
+
+def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """Pads every array to `batch_size` rows and adds `mask` (1 for real examples)."""
+    n = len(batch["label"])
+    padded = {
+        k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
+        for k, v in batch.items()
+    }
+    padded["mask"] = (np.arange(batch_size) < n).astype(np.float32)
+    return padded

@@ -1,0 +1,194 @@
+"""`run(config, workdir)`: mesh -> data -> model/method -> state -> steps -> eval -> ckpt.
+
+The loop only moves data and decides when to log, evaluate and checkpoint; all math is in
+the compiled step. Host syncs happen only at logging, evaluation and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.data import pipeline
+from zoo.data.augment import make_augment
+from zoo.data.datasets import get_dataset
+from zoo.methods.supervised import supervised
+from zoo.models import create_model
+from zoo.training import metrics as metrics_lib
+from zoo.training.checkpoint import Checkpointer
+from zoo.training.evaluate import evaluate
+from zoo.training.optim import build_optimizer
+from zoo.training.state import TrainState
+from zoo.training.step import (
+    compile_eval_step,
+    compile_train_step,
+    device_batch,
+    make_mesh,
+    shardings,
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_model(config: Any, num_classes: int):
+    model_cfg = config.model.to_dict()
+    name, dtype = model_cfg.pop("name"), model_cfg.pop("dtype")
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **model_cfg)
+
+
+def build_method(config: Any, model, spec):
+    if config.method.name != "supervised":
+        raise ValueError(f"method.name must be 'supervised', got '{config.method.name}'")
+    if spec.task != "multiclass":
+        raise ValueError(f"dataset '{spec.name}' is {spec.task}; only multiclass is supported")
+    return supervised(model, spec.num_classes, config.method.label_smoothing)
+
+
+def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps) from `total_steps` or `num_epochs`."""
+    steps_per_epoch = max(train_size // config.data.batch_size, 1)
+    total = config.total_steps or math.ceil(config.num_epochs * steps_per_epoch)
+    return steps_per_epoch, int(total)
+
+
+def init_state(method, tx, example_batch, augment, rng, mesh) -> TrainState:
+    replicated, _ = shardings(mesh)
+
+    def init(rng):
+        params, model_state, extra = method.init(rng, augment(example_batch, rng))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            extra=extra,
+        )
+
+    return jax.jit(init, out_shardings=replicated)(rng)
+
+
+def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains and evaluates as `config` says; returns the final eval metrics."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.parallel.mode != "jit":
+        raise ValueError(f"parallel.mode must be 'jit', got '{config.parallel.mode}'")
+    spec = get_dataset(config.data.name)
+    mesh = make_mesh()
+    if config.data.batch_size % mesh.size:
+        raise ValueError(
+            f"data.batch_size={config.data.batch_size} must be divisible by the number of "
+            f"devices ({mesh.size})"
+        )
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+    model = build_model(config, spec.num_classes)
+    method = build_method(config, model, spec)
+    train_iter = pipeline.train_iterator(spec, config.data, seed=config.seed, **process)
+    train_size = len(spec.source("train", config.data))
+    steps_per_epoch, total_steps = schedule_lengths(config, train_size)
+    tx, schedule = build_optimizer(config.optim, config.schedule, total_steps, steps_per_epoch)
+    augment = make_augment(spec.mean, spec.std)
+
+    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    example = spec.source("train", config.data)[0]
+    example_batch = {k: np.asarray(v)[None] for k, v in example.items()}
+    state = init_state(method, tx, example_batch, augment, init_rng, mesh)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+    checkpointer = Checkpointer(
+        workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    restored = checkpointer.restore(state, train_iter)
+    state = restored if restored is not None else state
+    step = int(jax.device_get(state.step))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    train_step = compile_train_step(mesh, method=method, tx=tx, augment=augment, schedule=schedule)
+    eval_step = compile_eval_step(
+        mesh, method=method, augment=augment, num_classes=spec.num_classes
+    )
+    writer = metrics_lib.MetricWriter(workdir)
+    eval_every = config.evals.every_steps or steps_per_epoch
+    log_every = config.logging.every_steps
+
+    def run_eval(step: int) -> dict[str, Any]:
+        results = evaluate(
+            eval_step, state, pipeline.eval_batches(spec, config.data, **process), mesh
+        )
+        writer.write(step, "eval", {k: v for k, v in results.items() if k != "confusion"})
+        return results
+
+    print(
+        f"zoo: {config.model.name} ({num_params:,} params) on {spec.name} "
+        f"({train_size:,} train images), {total_steps} steps of {config.data.batch_size} "
+        f"on {mesh.size} {jax.devices()[0].platform} device(s); workdir {workdir}"
+        + (f"; resumed at step {step}" if restored is not None else "")
+    )
+    progress = metrics_lib.Progress(total_steps, step, config.data.batch_size)
+    window, window_steps, results = None, 0, None
+    compile_seconds, train_start = None, time.perf_counter()
+    while step < total_steps:
+        batch = device_batch(next(train_iter), mesh)
+        if compile_seconds is None:  # compile ahead of time once, to report how long it took
+            start = time.perf_counter()
+            train_step = train_step.lower(state, batch, step_rng).compile()
+            compile_seconds = time.perf_counter() - start
+        state, step_metrics = train_step(state, batch, step_rng)
+        step += 1
+        window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+        window_steps += 1
+        if step % log_every == 0 or step == total_steps:
+            scalars = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+            writer.write(step, "train", scalars)
+            progress.update(step, scalars)
+            window, window_steps = None, 0
+        if step % eval_every == 0 or step == total_steps:
+            results = run_eval(step)
+            progress.write(
+                f"step {step}: eval top-1 {results['accuracy']:.4f} "
+                f"top-5 {results['top5']:.4f} loss {results['loss']:.4f}"
+            )
+        if step % config.checkpoint.every_steps == 0 or step == total_steps:
+            checkpointer.save(step, state, train_iter, config)
+    progress.close()
+    train_seconds = time.perf_counter() - train_start
+
+    if results is None:  # resumed at the end: evaluate the restored state
+        results = run_eval(step)
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.jsonl), workdir / "curves.png")
+    metrics_lib.plot_confusion_matrix(
+        results["confusion"],
+        spec.class_names,
+        workdir / "confusion_matrix.png",
+        title=f"{config.model.name} on {spec.name}: top-1 {results['accuracy']:.2%}",
+    )
+    summary = {
+        "step": step,
+        "eval_accuracy": results["accuracy"],
+        "eval_top5": results["top5"],
+        "eval_loss": results["loss"],
+        "eval_count": results["count"],
+        "train_seconds": round(train_seconds, 1),
+        "compile_seconds": round(compile_seconds, 1) if compile_seconds else None,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"final eval on {results['count']} images: top-1 {results['accuracy']:.4f}, "
+        f"top-5 {results['top5']:.4f}, loss {results['loss']:.4f}; outputs in {workdir}"
+    )
+    logging.info("summary: %s", summary)
+    return results

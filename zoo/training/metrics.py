@@ -1,0 +1,134 @@
+"""Where metrics go: JSONL + TensorBoard event files, a progress bar, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tqdm
+
+
+class MetricWriter:
+    """Appends `{"step": s, "split": name, **scalars}` lines to metrics.jsonl and writes the
+    same scalars as TensorBoard summaries (tensorboardX: no TensorFlow needed)."""
+
+    def __init__(self, workdir: str | pathlib.Path):
+        from tensorboardX import SummaryWriter
+
+        self.workdir = pathlib.Path(workdir)
+        self.jsonl = self.workdir / "metrics.jsonl"
+        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
+        scalars = {k: float(v) for k, v in scalars.items()}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+        for key, value in scalars.items():
+            self.tensorboard.add_scalar(f"{split}/{key}", value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A progress bar over steps showing loss, accuracy, images/s and the ETA."""
+
+    def __init__(self, total_steps: int, initial_step: int, batch_size: int):
+        self.batch_size = batch_size
+        self.bar = tqdm.tqdm(
+            total=total_steps,
+            initial=initial_step,
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.1,
+            mininterval=1.0,
+        )
+        self._last = (time.perf_counter(), initial_step)
+
+    def update(self, step: int, scalars: dict[str, float]) -> None:
+        now = time.perf_counter()
+        last_time, last_step = self._last
+        images_per_s = (step - last_step) * self.batch_size / max(now - last_time, 1e-9)
+        self._last = (now, step)
+        self.bar.set_postfix(
+            loss=f"{scalars.get('loss', float('nan')):.4f}",
+            acc=f"{scalars.get('accuracy', float('nan')):.3f}",
+            img_s=f"{images_per_s:.0f}",
+            refresh=False,
+        )
+        self.bar.update(step - self.bar.n)
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path) -> None:
+    """Train/eval loss and accuracy against step, from metrics.jsonl records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (key, title) in zip(
+        axes, (("loss", "loss"), ("accuracy", "top-1 accuracy")), strict=True
+    ):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, style, label=split, markersize=4)
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray, class_names: Sequence[str], path: str | pathlib.Path, title: str = ""
+) -> None:
+    """Row-normalised confusion matrix [true, predicted] with counts, labelled by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(6, 0.6 * len(class_names))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if len(class_names) <= 30:
+        for i, j in np.ndindex(matrix.shape):
+            ax.text(
+                j,
+                i,
+                f"{int(matrix[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,27 @@
+"""TrainState: everything a run carries from step to step, as one pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The train state of any method.
+
+    Attributes:
+      step: number of optimizer updates done (int32 scalar).
+      params: trainable parameters.
+      model_state: non-trainable model collections, e.g. {"batch_stats": ...}.
+      opt_state: optax state.
+      extra: method state that is not trained by gradients (EMA teacher, DINO centre).
+    """
+
+    step: jax.Array
+    params: Any
+    model_state: Any
+    opt_state: Any
+    extra: Any

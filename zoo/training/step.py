@@ -1,0 +1,122 @@
+"""THE train and eval steps: pure functions shared by every model and every method.
+
+Statics are bound with `functools.partial` and the result is compiled by `jax.jit` with
+`NamedSharding` over a ('data',) mesh: arrays are global, so gradient and BatchNorm reductions
+over the batch are over the global batch without explicit collectives. Under `jax.pmap`
+(axis_name="data") the same body runs per device and `cross_replica_mean` inserts the pmean.
+
+    step = compile_train_step(mesh, method=method, tx=tx, augment=augment, schedule=schedule)
+    state, metrics = step(state, batch, rng)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from zoo.methods.supervised import cross_entropy, topk_correct
+from zoo.training.state import TrainState
+
+DATA_AXIS = "data"
+
+
+def cross_replica_mean(tree: Any, axis_name: str | None) -> Any:
+    """Mean over devices under pmap; identity under jit, where arrays are already global."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def train_step(
+    state: TrainState, batch, rng, *, method, tx, augment, schedule, axis_name: str | None = None
+):
+    """One optimizer update. Returns (new_state, metrics) with scalar metrics."""
+    rng = jax.random.fold_in(rng, state.step)  # never stored: the step makes it unique
+    augment_rng, loss_rng = jax.random.split(rng)
+    batch = augment(batch, augment_rng)
+
+    def loss_fn(params):
+        return method.loss(params, state.model_state, state.extra, batch, loss_rng, train=True)
+
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = cross_replica_mean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    extra = method.update_extra(state.extra, params, state.step)
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+    }
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        model_state=model_state,
+        opt_state=opt_state,
+        extra=extra,
+    )
+    return new_state, cross_replica_mean(metrics, axis_name)
+
+
+def eval_step(state: TrainState, batch, *, method, augment, num_classes: int):
+    """Sums over the masked batch: loss, top-1/top-5 correct, count and a confusion matrix.
+
+    Sums (not means) so that batches and devices combine exactly (scenic's (sum, count)).
+    """
+    batch = augment(batch, jax.random.PRNGKey(0))
+    logits = method.logits(state.params, state.model_state, batch["image"])
+    labels, mask = batch["label"], batch["mask"]
+    loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
+    predictions = jnp.argmax(logits, axis=-1)
+    confusion = jnp.einsum(  # [true, predicted]
+        "bi,bj->ij",
+        jax.nn.one_hot(labels, num_classes) * mask[:, None],
+        jax.nn.one_hot(predictions, num_classes),
+    )
+    return {
+        "loss": jnp.sum(loss * mask),
+        "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
+        "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
+        "count": jnp.sum(mask),
+        "confusion": confusion,
+    }
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D ('data',) mesh over `devices` (default: all devices)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(devices, (DATA_AXIS,))
+
+
+def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """(replicated, batch-sharded along 'data')."""
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def compile_train_step(mesh: Mesh, **statics):
+    replicated, data = shardings(mesh)
+    return jax.jit(
+        functools.partial(train_step, **statics),
+        in_shardings=(replicated, data, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def compile_eval_step(mesh: Mesh, **statics):
+    replicated, data = shardings(mesh)
+    return jax.jit(
+        functools.partial(eval_step, **statics),
+        in_shardings=(replicated, data),
+        out_shardings=replicated,
+    )
+
+
+def device_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's numpy batch -> global arrays sharded along 'data'."""
+    _, data = shardings(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(data, x), batch)
