@@ -68,6 +68,11 @@ PARAM_COUNTS = {
     "deit_small_patch16_224": 22_050_664,
     "deit_base_patch16_224": 86_567_656,
     "deit_base_distilled_patch16_224": 87_338_192,
+    # Swin (timm)
+    "swin_tiny_patch4_window7_224": 28_288_354,
+    "swin_small_patch4_window7_224": 49_606_258,
+    "swin_base_patch4_window7_224": 87_768_224,
+    "swin_base_patch4_window12_384": 87_903_584,
 }
 
 # Input side for the run test: 32 unless a model needs another (e.g. a window size to divide).
@@ -81,6 +86,9 @@ SLOW_TO_RUN |= {
     "vit_large_patch16_224",
     "deit_base_patch16_224",
     "deit_base_distilled_patch16_224",
+    "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224",
+    "swin_base_patch4_window12_384",
 }
 SLOW_TO_RUN |= {"convnext_nano", "convnext_tiny", "convnext_small", "convnext_base"}
 SLOW_TO_RUN |= {"convnext_large"}

@@ -56,14 +56,15 @@ def logit_diff(name: str, reference: torch.nn.Module, size: int, **zoo_kw) -> fl
         expected = reference(x).numpy()
     model = zoo.create_model(name, **zoo_kw)
     variables = zoo.load_pretrained(model, reference.state_dict(), model_name=name)
-    logits = model.apply(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), train=False)
+    apply = jax.jit(model.apply, static_argnames="train")  # one compile beats per-op eager
+    logits = apply(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), train=False)
     assert logits.shape == expected.shape
     assert np.abs(expected).max() > 0.1, "degenerate reference logits"
     return float(np.abs(np.asarray(logits) - expected).max())
 
 
 # Smallest of each family in CI; the rest with `pytest -m slow`. (family variant, input size)
-FAST = {"resnet18", "resnet50", "vit_tiny_patch16_224"}
+FAST = {"resnet18", "resnet50", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"}
 PARITY = [
     ("resnet18", 64),
     ("resnet50", 64),  # the bottleneck path
@@ -79,6 +80,10 @@ PARITY = [
     ("deit_small_patch16_224", 224),
     ("deit_base_patch16_224", 224),
     ("deit_base_distilled_patch16_224", 224),
+    ("swin_tiny_patch4_window7_224", 224),
+    ("swin_small_patch4_window7_224", 224),
+    ("swin_base_patch4_window7_224", 224),
+    ("swin_base_patch4_window12_384", 384),
 ]
 
 
@@ -117,6 +122,26 @@ def test_vit_parity_at_384_from_224_weights():
     kw = dict(depth=2)
     reference = timm_model("vit_tiny_patch16_224", dynamic_img_size=True, **kw)
     assert logit_diff("vit_tiny_patch16_224", reference, 384, **kw) <= TOLERANCE
+
+
+def test_swin_parity_at_other_size():
+    """Swin laid out for 224 run at 96 px (padded windows, shift masks built for the input
+    size), as timm's dynamic_img_size; a 2-stage config keeps it cheap."""
+    kw = dict(depths=(2, 2), embed_dim=32, num_heads=(1, 2))
+    reference = timm_model("swin_tiny_patch4_window7_224", dynamic_img_size=True, **kw)
+    assert logit_diff("swin_tiny_patch4_window7_224", reference, 96, **kw) <= TOLERANCE
+
+
+def test_vit_img_size_384_resizes_pos_embed_at_conversion():
+    """224 weights into a model built for 384 equal the 224 model run at 384."""
+    reference = timm_model("vit_tiny_patch16_224", depth=1)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 384, 384, 3))
+    outputs = []
+    for img_size in (224, 384):
+        model = zoo.create_model("vit_tiny_patch16_224", depth=1, img_size=img_size)
+        variables = zoo.load_pretrained(model, reference.state_dict(), input_size=img_size)
+        outputs.append(jax.jit(model.apply, static_argnames="train")(variables, x, train=False))
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- load_pretrained

@@ -4,6 +4,7 @@ from zoo.models import (
     convnext,  # noqa: F401
     efficientnet,  # noqa: F401
     resnet,  # noqa: F401
+    swin,  # noqa: F401
     vit,  # noqa: F401
 )
 from zoo.models.catalog import (  # noqa: F401

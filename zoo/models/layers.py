@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class DropPath(nn.Module):
@@ -109,8 +110,9 @@ class SqueezeExcite(nn.Module):
 # Shared by ViT/DeiT, Swin and ConvNeXt. Submodule names follow timm's state_dict keys
 # (`qkv`, `proj`) so that converters are a rename plus layout transposes.
 
-# timm initialises every Linear of a transformer with trunc_normal(std=.02) and zero bias.
-dense_init = nn.initializers.truncated_normal(stddev=0.02)
+# timm initialises the Linears of its transformers with `trunc_normal_(std=.02)`, whose cut-off
+# is at +-2 in absolute value, i.e. 100 standard deviations: a plain normal(0.02), zero bias.
+dense_init = nn.initializers.normal(stddev=0.02)
 
 
 def layer_norm(epsilon: float = 1e-6, dtype: Any = jnp.float32, **kw) -> nn.LayerNorm:
@@ -119,22 +121,44 @@ def layer_norm(epsilon: float = 1e-6, dtype: Any = jnp.float32, **kw) -> nn.Laye
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, **kw)
 
 
+def relative_position_index(window: tuple[int, int], table_side: int) -> np.ndarray:
+    """[N, N] index into a (table_side x table_side) relative-position table for the tokens
+    of an (h, w) window, N = h * w: row-major offset (dy, dx) -> (dy + c) * side + dx + c."""
+    centre = table_side // 2
+    ys, xs = np.meshgrid(np.arange(window[0]), np.arange(window[1]), indexing="ij")
+    coords = np.stack([ys.reshape(-1), xs.reshape(-1)])  # [2, N]
+    offset = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
+    return (offset[0] + centre) * table_side + offset[1] + centre
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused `qkv` projection (Vaswani et al. 2017).
 
-    `bias` is added to the attention logits: Swin's relative position bias plus shift mask,
-    broadcastable to [B, heads, N, N]. Logits and softmax are computed in float32.
+    `bias` (e.g. Swin's shifted-window mask), broadcastable to [B, heads, N, N], is added to
+    the attention logits, computed with the softmax in float32. With `rel_pos_window` = W > 0
+    the tokens are a w x w window (w <= W) and a learned relative position bias is added
+    (Swin, Liu et al. 2021): `relative_position_bias_table` [(2W-1)^2, heads], indexed by the
+    offset between two tokens; a smaller window uses the table's centre.
     """
 
     num_heads: int
     qkv_bias: bool = True
     attn_dropout_rate: float = 0.0
     proj_dropout_rate: float = 0.0
+    rel_pos_window: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None, *, train: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        window: tuple[int, int] | None = None,
+        train: bool,
+    ) -> jax.Array:
+        """x: [B, N, C]; `window`: the (h, w) layout of the N tokens for `rel_pos_window`."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=dense_init)
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
@@ -143,6 +167,17 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, head_dim]
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
         logits = logits.astype(jnp.float32)
+        if self.rel_pos_window:
+            size = 2 * self.rel_pos_window - 1
+            table = self.param(
+                "relative_position_bias_table",
+                dense_init,
+                (size * size, self.num_heads),
+                self.param_dtype,
+            )
+            index = relative_position_index(window or (self.rel_pos_window,) * 2, size)
+            rel_bias = table[index.reshape(-1)].reshape(tokens, tokens, self.num_heads)
+            logits = logits + rel_bias.transpose(2, 0, 1).astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)

@@ -101,9 +101,14 @@ class Block(nn.Module):
             **kw,
         )(norm(name="norm1")(x), train=train)
         x = x + DropPath(self.drop_path_rate)(scale("ls1")(y), train=train)
-        y = Mlp(int(x.shape[-1] * self.mlp_ratio), drop_rate=self.dropout_rate, name="mlp", **kw)(
-            norm(name="norm2")(x), train=train
+        mlp = Mlp(
+            int(x.shape[-1] * self.mlp_ratio),
+            drop_rate=self.dropout_rate,
+            kernel_init=dense_init,
+            name="mlp",
+            **kw,
         )
+        y = mlp(norm(name="norm2")(x), train=train)
         return x + DropPath(self.drop_path_rate)(scale("ls2")(y), train=train)
 
 
@@ -183,7 +188,7 @@ class VisionTransformer(nn.Module):
             grid = self.img_size // self.patch_size
             pos = self.param(
                 "pos_embed",
-                nn.initializers.truncated_normal(0.02),
+                dense_init,  # timm: trunc_normal_(std=.02)
                 (1, self.num_prefix_tokens + grid * grid, dim),
                 self.param_dtype,
             )

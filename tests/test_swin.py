@@ -1,0 +1,55 @@
+"""Swin specifics beyond the generic registry tests: windows at other resolutions, the shift
+mask, bfloat16 compute. A 2-stage, 32-wide config keeps these cheap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import zoo
+from zoo.models.swin import shift_mask, window_partition, window_reverse
+
+NAME = "swin_tiny_patch4_window7_224"
+SMALL = dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2))
+
+
+def test_window_partition_round_trip_and_shift_mask():
+    x = np.arange(2 * 14 * 21 * 3, dtype=np.float32).reshape(2, 14, 21, 3)
+    windows = window_partition(x, (7, 7))
+    assert windows.shape == (2 * 2 * 3, 49, 3)
+    np.testing.assert_array_equal(window_reverse(windows, (7, 7), 14, 21), x)
+    mask = shift_mask(14, 14, (7, 7), (3, 3))
+    assert mask.shape == (4, 49, 49)
+    assert not mask[0].any()  # the top-left window holds no wrapped-around tokens
+    assert (mask[3] == -100).any() and (np.diag(mask[3]) == 0).all()
+
+
+def test_windows_follow_img_size_like_timm():
+    assert zoo.create_model(NAME).stage_windows() == [(7, 3), (7, 3), (7, 3), (7, 0)]
+    assert zoo.create_model(NAME, img_size=64).stage_windows() == [(7, 3), (7, 3), (4, 0), (2, 0)]
+
+
+def test_img_size_clamps_windows_and_keeps_parameter_shapes():
+    """Other input sizes with timm's windows are covered by test_pretrained's parity at 96 px;
+    here `img_size=32` shrinks the windows and still loads the same parameters."""
+    model = zoo.create_model(NAME, num_classes=3, **SMALL)
+    small = model.clone(img_size=32)
+    assert small.stage_windows() == [(7, 3), (4, 0)]
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
+    variables = jax.jit(model.init, static_argnames="train")(jax.random.PRNGKey(0), x, train=False)
+    shapes = jax.eval_shape(lambda: small.init(jax.random.PRNGKey(0), x, train=False))
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(jnp.shape, variables)
+    logits = jax.jit(small.apply, static_argnames="train")(variables, x, train=False)
+    assert logits.shape == (1, 3) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    model = zoo.create_model(NAME, **SMALL)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    variables = jax.jit(model.init, static_argnames="train")(jax.random.PRNGKey(0), x, train=False)
+    full = jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
+    half = jax.jit(model.clone(dtype=jnp.bfloat16).apply, static_argnames="train")(
+        variables, x, train=False
+    )
+    assert half.dtype == jnp.float32
+    # bfloat16 keeps 8 mantissa bits (~0.4% relative): allow 3% of the logit range.
+    assert float(jnp.max(jnp.abs(half - full))) <= 0.03 * float(jnp.max(jnp.abs(full)))
