@@ -5,6 +5,7 @@ zoo.list_models("resnet*")
 model = zoo.create_model("resnet50", num_classes=10)
 """
 
+from zoo.inference import load_classifier  # noqa: F401
 from zoo.models import create_model, list_models, model_entry, register_model  # noqa: F401
 from zoo.models.pretrained import load_pretrained, load_state_dict  # noqa: F401
 
