@@ -16,6 +16,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from zoo.data.datasets import DatasetSpec
 from zoo.data.transforms import build_ops, compose
@@ -58,6 +59,9 @@ def train_iterator(
     ds = ds.batch(batch_size, drop_remainder=True)
     iter_ds = ds.to_iter_dataset()
     if data_config.num_workers > 0:
+        # grain's workers read absl flags; outside an absl app (tests, notebooks) use defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=data_config.num_workers)
         )

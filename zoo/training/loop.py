@@ -122,11 +122,16 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     eval_every = config.evals.every_steps or steps_per_epoch
     log_every = config.logging.every_steps
 
+    eval_seconds = 0.0
+
     def run_eval(step: int) -> dict[str, Any]:
+        nonlocal eval_seconds
+        start = time.perf_counter()
         results = evaluate(
             eval_step, state, pipeline.eval_batches(spec, config.data, **process), mesh
         )
         writer.write(step, "eval", {k: v for k, v in results.items() if k != "confusion"})
+        eval_seconds += time.perf_counter() - start
         return results
 
     print(
@@ -136,7 +141,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         + (f"; resumed at step {step}" if restored is not None else "")
     )
     progress = metrics_lib.Progress(total_steps, step, config.data.batch_size)
-    window, window_steps, results = None, 0, None
+    window, window_steps, results, first_step = None, 0, None, step
     compile_seconds, train_start = None, time.perf_counter()
     while step < total_steps:
         batch = device_batch(next(train_iter), mesh)
@@ -162,6 +167,8 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         if step % config.checkpoint.every_steps == 0 or step == total_steps:
             checkpointer.save(step, state, train_iter, config)
     progress.close()
+    if hasattr(train_iter, "close"):  # stops grain worker processes, if any
+        train_iter.close()
     train_seconds = time.perf_counter() - train_start
 
     if results is None:  # resumed at the end: evaluate the restored state
@@ -183,7 +190,15 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         "eval_loss": results["loss"],
         "eval_count": results["count"],
         "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
         "compile_seconds": round(compile_seconds, 1) if compile_seconds else None,
+        # Steps of this invocation, excluding compilation and evaluation.
+        "train_images_per_second": round(
+            (step - first_step)
+            * config.data.batch_size
+            / max(train_seconds - eval_seconds - (compile_seconds or 0.0), 1e-9),
+            1,
+        ),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(

@@ -1,0 +1,152 @@
+"""Datasets and the grain pipeline: embedded data, determinism, sharding, resumable iterators."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from zoo.data import pipeline, sources, transforms
+from zoo.data.datasets import DATASETS, get_dataset
+
+
+def data_config(**overrides):
+    config = dict(
+        batch_size=64,
+        eval_batch_size=300,
+        train_ops="random_crop(padding=2)|flip",
+        eval_ops="",
+        num_workers=0,
+        data_dir="",
+        download=False,
+    )
+    return ml_collections.ConfigDict({**config, **overrides})
+
+
+def test_embedded_dataset_is_a_stratified_subset_of_fashion_mnist():
+    spec = get_dataset("fashion_mnist_mini")
+    train, test = spec.source("train"), spec.source("eval")
+    assert (len(train), len(test)) == (10_000, 2_000)
+    assert train.images.shape == (10_000, 28, 28, 1) and train.images.dtype == np.uint8
+    assert np.bincount(train.labels).tolist() == [1000] * 10
+    assert np.bincount(test.labels).tolist() == [200] * 10
+    assert spec.names()[9] == "Ankle boot"
+    # Real images, not noise: class means differ (trousers are narrow, bags are wide).
+    means = [train.images[train.labels == c].mean() for c in range(10)]
+    assert max(means) - min(means) > 20
+
+
+@pytest.mark.skipif(
+    not (
+        sources.pathlib.Path(sources.FASHION_MNIST_IDX_DIR) / "t10k-labels-idx1-ubyte.gz"
+    ).exists(),
+    reason="needs `apt-get install dataset-fashion-mnist` (.ci/run installs it)",
+)
+def test_full_fashion_mnist_from_idx_files_contains_the_embedded_test_images():
+    full = sources.fashion_mnist_source("test")
+    assert len(full) == 10_000 and np.bincount(full.labels).tolist() == [1000] * 10
+    mini = get_dataset("fashion_mnist_mini").source("eval")
+    index = {image.tobytes(): label for image, label in zip(full.images, full.labels, strict=True)}
+    for image, label in zip(mini.images[:50], mini.labels[:50], strict=True):
+        assert index[image.tobytes()] == label
+
+
+def test_missing_idx_files_name_the_debian_package_and_tfds(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        get_dataset("fashion_mnist").source("train", data_config(data_dir=str(tmp_path)))
+
+
+def test_unknown_dataset_lists_close_matches():
+    with pytest.raises(ValueError, match="did you mean: fashion_mnist"):
+        get_dataset("fashion_mnst")
+    assert "fashion_mnist_mini" in DATASETS
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_same_seed_same_batches_and_other_seed_other_batches():
+    spec = get_dataset("fashion_mnist_mini")
+    a = take(pipeline.train_iterator(spec, data_config(), seed=3), 3)
+    b = take(pipeline.train_iterator(spec, data_config(), seed=3), 3)
+    c = take(pipeline.train_iterator(spec, data_config(), seed=4), 3)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    assert not np.array_equal(a[0]["label"], c[0]["label"])
+    assert a[0]["image"].shape == (64, 28, 28, 1) and a[0]["label"].dtype == np.int32
+
+
+def test_process_shards_are_disjoint_and_cover_the_dataset():
+    spec = get_dataset("fashion_mnist_mini")
+    config = data_config(train_ops="", batch_size=100)
+    seen = []
+    for process_index in range(4):
+        it = pipeline.train_iterator(
+            spec, config, seed=0, process_index=process_index, process_count=4
+        )
+        # One epoch of this shard: 2,500 examples = 100 batches of 25 per process.
+        images = np.concatenate([b["image"] for b in take(it, 100)])
+        seen.append({image.tobytes() for image in images})
+    assert sum(len(s) for s in seen) == len(set().union(*seen))  # disjoint
+    everything = {image.tobytes() for image in spec.source("train").images}
+    assert set().union(*seen) == everything  # (the embedded set has no duplicate images)
+
+
+def test_epochs_are_reshuffled():
+    spec = get_dataset("fashion_mnist_mini")
+    # One process of ten: its epoch is 1,000 examples, one batch.
+    it = pipeline.train_iterator(
+        spec,
+        data_config(train_ops="", batch_size=10_000),
+        seed=0,
+        process_index=0,
+        process_count=10,
+    )
+    first, second = take(it, 2)
+    assert sorted(first["label"].tolist()) == sorted(second["label"].tolist())
+    assert not np.array_equal(first["label"], second["label"])
+
+
+def test_restored_iterator_state_gives_the_same_next_batches():
+    spec = get_dataset("fashion_mnist_mini")
+    it = pipeline.train_iterator(spec, data_config(), seed=0)
+    take(it, 7)
+    state = it.get_state()
+    expected = take(it, 3)
+    resumed = pipeline.train_iterator(spec, data_config(), seed=0)
+    resumed.set_state(state)
+    for x, y in zip(expected, take(resumed, 3), strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_eval_batches_cover_every_example_once_with_a_mask():
+    spec = get_dataset("fashion_mnist_mini")
+    batches = list(pipeline.eval_batches(spec, data_config(eval_batch_size=300)))
+    assert len(batches) == 7 and all(len(b["mask"]) == 300 for b in batches)
+    assert sum(b["mask"].sum() for b in batches) == 2000
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    np.testing.assert_array_equal(labels, spec.source("eval").labels)
+
+
+def test_random_crop_and_flip():
+    rng = np.random.default_rng(0)
+    image = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28, 1)
+    crop = transforms.random_crop(padding=2)({"image": image}, rng)["image"]
+    assert crop.shape == image.shape
+    flip = transforms.flip(prob=1.0)
+    twice = flip(flip({"image": image}, rng), rng)["image"]
+    np.testing.assert_array_equal(twice, image)
+    np.testing.assert_array_equal(flip({"image": image}, rng)["image"][:, 0], image[:, -1])
+
+
+def test_transform_spec_errors_name_the_problem():
+    assert transforms.parse_ops("random_crop(padding=4)|flip") == [
+        ("random_crop", {"padding": 4}),
+        ("flip", {}),
+    ]
+    with pytest.raises(ValueError, match="unknown transform 'flipp'; did you mean: flip"):
+        transforms.build_ops("flipp")
+    with pytest.raises(ValueError, match="transform 'flip'"):
+        transforms.build_ops("flip(probability=1)")
+    with pytest.raises(ValueError, match="cannot parse transform"):
+        transforms.build_ops("random_crop(4")
