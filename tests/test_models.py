@@ -89,6 +89,11 @@ SLOW_TO_RUN |= {
     "swin_small_patch4_window7_224",
     "swin_base_patch4_window7_224",
     "swin_base_patch4_window12_384",
+    # Same code as the tiny variants at another width; test_swin.py runs a 2-stage Swin-T
+    # (jit) in train and eval mode, test_pretrained.py Swin-T at 224 against timm.
+    "vit_small_patch16_224",
+    "deit_small_patch16_224",
+    "swin_tiny_patch4_window7_224",
 }
 # ConvNeXt and EfficientNet: eagerly even the smallest take 30-60 s here (many small ops);
 # tests/test_convnext.py and tests/test_efficientnet.py run them jitted (eval, train, features).

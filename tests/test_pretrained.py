@@ -35,7 +35,7 @@ def timm_model(name: str, seed: int = 0, **kw) -> torch.nn.Module:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.uniform_(0.2, 0.5)
+                module.weight.uniform_(0.6, 1.1)  # logits O(1-10), not vanishing
                 module.bias.uniform_(-0.1, 0.1)
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
@@ -115,6 +115,11 @@ def test_distilled_deit_parity_small_config():
     kw = dict(embed_dim=192, depth=2, num_heads=3, img_size=64)
     reference = timm_model("deit_base_distilled_patch16_224", **kw)
     assert logit_diff("deit_base_distilled_patch16_224", reference, 64, **kw) <= TOLERANCE
+    # A module without model_name: found by class, both heads re-initialised for 5 classes.
+    model = zoo.create_model("deit_base_distilled_patch16_224", num_classes=5, **kw)
+    with pytest.warns(UserWarning, match=r"params\.head\.kernel.*params\.head_dist\.kernel"):
+        variables = zoo.load_pretrained(model, reference.state_dict())
+    assert variables["params"]["head_dist"]["kernel"].shape == (192, 5)
 
 
 def test_vit_parity_at_384_from_224_weights():

@@ -4,6 +4,7 @@ mask, bfloat16 compute. A 2-stage, 32-wide config keeps these cheap."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import zoo
 from zoo.models.swin import shift_mask, window_partition, window_reverse
@@ -28,25 +29,40 @@ def test_windows_follow_img_size_like_timm():
     assert zoo.create_model(NAME, img_size=64).stage_windows() == [(7, 3), (7, 3), (4, 0), (2, 0)]
 
 
-def test_img_size_clamps_windows_and_keeps_parameter_shapes():
+@pytest.fixture(scope="module")
+def small():
+    """A 2-stage Swin-T-shaped model, initialised once (jit: one compile, not one per op)."""
+    model = zoo.create_model(NAME, num_classes=3, drop_path_rate=0.5, **SMALL)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    variables = jax.jit(model.init, static_argnames="train")(jax.random.PRNGKey(0), x, train=False)
+    apply = jax.jit(model.apply, static_argnames="train")
+    return model, variables, x, apply, apply(variables, x, train=False)
+
+
+def test_train_and_eval_with_stochastic_depth(small):
+    model, variables, x, apply, logits = small
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+    outs = [
+        apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(i)}) for i in (1, 2)
+    ]
+    assert all(bool(jnp.all(jnp.isfinite(o))) for o in outs)
+    assert not np.allclose(outs[0], outs[1])  # blocks dropped at random
+
+
+def test_img_size_clamps_windows_and_keeps_parameter_shapes(small):
     """Other input sizes with timm's windows are covered by test_pretrained's parity at 96 px;
     here `img_size=32` shrinks the windows and still loads the same parameters."""
-    model = zoo.create_model(NAME, num_classes=3, **SMALL)
-    small = model.clone(img_size=32)
-    assert small.stage_windows() == [(7, 3), (4, 0)]
-    x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
-    variables = jax.jit(model.init, static_argnames="train")(jax.random.PRNGKey(0), x, train=False)
-    shapes = jax.eval_shape(lambda: small.init(jax.random.PRNGKey(0), x, train=False))
+    model, variables, x, _, _ = small
+    clamped = model.clone(img_size=32)
+    assert clamped.stage_windows() == [(7, 3), (4, 0)]
+    shapes = jax.eval_shape(lambda: clamped.init(jax.random.PRNGKey(0), x, train=False))
     assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(jnp.shape, variables)
-    logits = jax.jit(small.apply, static_argnames="train")(variables, x, train=False)
-    assert logits.shape == (1, 3) and bool(jnp.all(jnp.isfinite(logits)))
+    logits = jax.jit(clamped.apply, static_argnames="train")(variables, x, train=False)
+    assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits)))
 
 
-def test_bfloat16_compute_stays_close_to_float32():
-    model = zoo.create_model(NAME, **SMALL)
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
-    variables = jax.jit(model.init, static_argnames="train")(jax.random.PRNGKey(0), x, train=False)
-    full = jax.jit(model.apply, static_argnames="train")(variables, x, train=False)
+def test_bfloat16_compute_stays_close_to_float32(small):
+    model, variables, x, _, full = small
     half = jax.jit(model.clone(dtype=jnp.bfloat16).apply, static_argnames="train")(
         variables, x, train=False
     )

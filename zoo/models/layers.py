@@ -176,7 +176,8 @@ class Attention(nn.Module):
                 self.param_dtype,
             )
             index = relative_position_index(window or (self.rel_pos_window,) * 2, size)
-            rel_bias = table[index.reshape(-1)].reshape(tokens, tokens, self.num_heads)
+            rel_bias = jnp.take(table, index.reshape(-1), axis=0, mode="clip")  # in range
+            rel_bias = rel_bias.reshape(tokens, tokens, self.num_heads)
             logits = logits + rel_bias.transpose(2, 0, 1).astype(jnp.float32)
         if bias is not None:
             logits = logits + bias

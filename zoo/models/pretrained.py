@@ -24,6 +24,7 @@ functions that read those files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -169,12 +170,19 @@ def torch_to_flax(state_dict: StateDict, rename=None) -> dict[str, Any]:
 def _find_entry(model: nn.Module, model_name: str | None) -> tuple[str, ModelEntry]:
     if model_name is not None:
         return model_name, model_entry(model_name)
-    # Without a name, any registered variant of the same module class has the same converter.
-    for name in MODELS:
-        entry = model_entry(name)
-        if entry.from_timm is not None and type(entry.factory()) is type(model):
-            return name, entry
-    raise ValueError(f"no registered model builds a {type(model).__name__}; pass model_name=")
+    # Without a name, the registered variants of the same module class share the converter;
+    # their head keys are merged (e.g. DeiT's `head_dist` besides ViT's `head`).
+    matches = [
+        (name, model_entry(name))
+        for name in MODELS
+        if model_entry(name).from_timm is not None
+        and type(model_entry(name).factory()) is type(model)
+    ]
+    if not matches:
+        raise ValueError(f"no registered model builds a {type(model).__name__}; pass model_name=")
+    name, entry = matches[0]
+    heads = tuple(dict.fromkeys(h for _, e in matches for h in e.head))
+    return name, dataclasses.replace(entry, head=heads)
 
 
 def _dotted(path: tuple[str, ...]) -> str:
