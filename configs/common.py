@@ -27,6 +27,20 @@ def base() -> ml_collections.ConfigDict:
     c.data.train_ops = "random_crop(padding=2)|flip"  # host per-image ops, see transforms.py
     c.data.eval_ops = ""
     c.data.num_workers = 0  # grain worker processes; 0 = in the main process
+    c.data.eval_fraction = 0.1  # held out for eval when a dataset has no eval split
+    c.data.split_seed = 0  # seed of that hold-out (independent of `seed`)
+    c.data.strict_decode = False  # True: an unreadable image file is an error, not skipped
+    # Device batch ops (zoo/data/augment.py), timm's mixup/cutmix: 0 alphas = off.
+    c.data.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing weight; timm recipes use 0.8
+    c.data.cutmix_alpha = 0.0  # timm recipes use 1.0
+    c.data.mix_prob = 1.0  # probability that a batch is mixed at all
+    c.data.mix_switch_prob = 0.5  # with both alphas > 0: probability of cutmix over mixup
+    # SimCLR/DINO photometric ops, each applied per example with its probability.
+    c.data.color_jitter = 0.0  # strength s: brightness/contrast/saturation 0.8s, hue 0.2s
+    c.data.color_jitter_prob = 0.8
+    c.data.grayscale_prob = 0.0
+    c.data.blur_prob = 0.0  # Gaussian blur, sigma uniform in [0.1, 2.0] pixels
+    c.data.solarize_prob = 0.0  # pixels above the mid grey are inverted
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "supervised"

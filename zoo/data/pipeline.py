@@ -1,7 +1,8 @@
 """grain input pipelines: per split and per process, deterministic and checkpointable.
 
-Train: shard by process -> shuffle (reshuffled each epoch) -> repeat -> per-image ops
-(seeded by data seed + example index) -> batch -> optional worker processes. The iterator's
+Train: shard by process -> shuffle (reshuffled each epoch) -> repeat -> read/decode ->
+per-image ops (seeded by data seed + example index) -> drop unreadable examples -> batch ->
+optional worker processes (which then also read and decode). The iterator's
 `get_state()`/`set_state()` is saved in every checkpoint, so a resumed run sees exactly the
 batches an uninterrupted run would have seen.
 
@@ -55,9 +56,11 @@ def train_iterator(
     ds = ds.shuffle(seed=seed).repeat()
     ops = build_ops(data_config.train_ops)
     if ops:
-        ds = ds.random_map(compose(ops), seed=seed)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    iter_ds = ds.to_iter_dataset()
+        ds = ds.random_map(skip_none(compose(ops)), seed=seed)
+    # Sources return None for an unreadable file (sources.py); dropping it after the map keeps
+    # every other example's rng (seeded by its index) and the iterator state exact.
+    iter_ds = ds.to_iter_dataset().filter(lambda example: example is not None)
+    iter_ds = iter_ds.batch(batch_size, drop_remainder=True)
     if data_config.num_workers > 0:
         # grain's workers read absl flags; outside an absl app (tests, notebooks) use defaults.
         if not flags.FLAGS.is_parsed():
@@ -85,9 +88,10 @@ def eval_batches(
     ds = grain.MapDataset.source(source)[process_index::process_count]
     eval_ops = build_ops(data_config.eval_ops)
     if eval_ops:
-        ds = ds.map(lambda example: compose(eval_ops)(example, None))
+        # Eval ops are deterministic; a fixed generator serves ops that take one anyway.
+        ds = ds.map(lambda example: skip_none(compose(eval_ops))(example, _EVAL_RNG))
     num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
-    batches = iter(ds.batch(batch_size).to_iter_dataset())
+    batches = iter(ds.to_iter_dataset().filter(lambda e: e is not None).batch(batch_size))
     template = None
     for _ in range(num_batches):
         batch = next(batches, None)
@@ -95,6 +99,29 @@ def eval_batches(
             batch = {k: v[:0] for k, v in template.items()}
         template = batch
         yield pad_batch(batch, batch_size)
+
+
+_EVAL_RNG = np.random.default_rng(0)
+
+
+def skip_none(op):
+    """`op` that passes a None example (an unreadable file) through untouched."""
+
+    def apply(example, rng):
+        return None if example is None else op(example, rng)
+
+    return apply
+
+
+def example_batch(spec: DatasetSpec, data_config: Any) -> dict[str, np.ndarray]:
+    """A batch of one training example after the train ops, to initialise a model with the
+    shapes it will train on (the first readable example of the training split)."""
+    source = spec.source("train", data_config)
+    example = next((e for e in (source[i] for i in range(len(source))) if e is not None), None)
+    if example is None:
+        raise ValueError(f"dataset '{spec.name}' has no readable training example")
+    example = compose(build_ops(data_config.train_ops))(example, np.random.default_rng(0))
+    return {k: np.asarray(v)[None] for k, v in example.items()}
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:

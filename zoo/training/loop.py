@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from zoo.data import pipeline
 from zoo.data.augment import make_augment
@@ -83,7 +82,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     if config.parallel.mode != "jit":
         raise ValueError(f"parallel.mode must be 'jit', got '{config.parallel.mode}'")
-    spec = get_dataset(config.data.name)
+    spec = get_dataset(config.data.name, config.data)
     mesh = make_mesh()
     if config.data.batch_size % mesh.size:
         raise ValueError(
@@ -101,8 +100,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     augment = make_augment(spec.mean, spec.std)
 
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    example = spec.source("train", config.data)[0]
-    example_batch = {k: np.asarray(v)[None] for k, v in example.items()}
+    example_batch = pipeline.example_batch(spec, config.data)
     state = init_state(method, tx, example_batch, augment, init_rng, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
@@ -179,7 +177,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.jsonl), workdir / "curves.png")
     metrics_lib.plot_confusion_matrix(
         results["confusion"],
-        spec.class_names,
+        spec.names(config.data),
         workdir / "confusion_matrix.png",
         title=f"{config.model.name} on {spec.name}: top-1 {results['accuracy']:.2%}",
     )
