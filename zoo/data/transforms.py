@@ -2,7 +2,14 @@
 
 A per-image pipeline is written in the config as ops joined by "|":
 
-    data.train_ops = "random_crop(padding=4)|flip"
+    data.train_ops = "random_crop(padding=4)|flip"                       # CIFAR
+    data.train_ops = "random_resized_crop(size=224)|flip|rand_augment(num_ops=2, magnitude=9)"
+    data.eval_ops = "resize_center_crop(size=224, crop_pct=0.875)"       # or eval_ops_for_model
+    data.train_ops = "multi_crop(global_size=224, local_size=96, num_local=6)"  # DINO views
+
+Ops (names as in timm/big_vision): decode, random_crop, flip, resize, center_crop,
+resize_center_crop, random_resized_crop, rand_augment (zoo/data/rand_augment.py),
+random_erasing, multi_crop.
 
 Each op is registered in TRANSFORMS as a factory `op(**kwargs) -> fn(example, rng)`, where
 `rng` is grain's per-example `np.random.Generator` (seeded from the data seed and the example
@@ -58,13 +65,48 @@ def flip(prob: float = 0.5) -> Op:
 def _resize(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
     from PIL import Image
 
-    methods = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+    methods = {
+        "bilinear": Image.BILINEAR,
+        "bicubic": Image.BICUBIC,
+        "nearest": Image.NEAREST,
+        "lanczos": Image.LANCZOS,
+        "area": Image.BOX,
+    }
     if interpolation not in methods:
         raise ValueError(f"interpolation must be one of {', '.join(methods)}")
     squeeze = image.shape[-1] == 1
     pil = Image.fromarray(image[..., 0] if squeeze else image)
     out = np.asarray(pil.resize((width, height), methods[interpolation]))
     return out[..., None] if squeeze else out
+
+
+def sample_crop_box(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """The Inception crop box (top, left, h, w): area fraction uniform in `scale`, aspect
+    ratio log-uniform in `ratio`; after 10 misses, a centre crop at the nearest allowed
+    aspect ratio (timm's/torchvision's RandomResizedCrop.get_params)."""
+    area = height * width
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 @TRANSFORMS.register
@@ -76,32 +118,48 @@ def random_resized_crop(
 ) -> Op:
     """Inception crop (Szegedy et al. 2015): a random area fraction in `scale` and aspect
     ratio in `ratio` (log-uniform), resized to size x size; falls back to a centre crop."""
-    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
 
     def op(example: Example, rng: np.random.Generator) -> Example:
         image = example["image"]
-        height, width = image.shape[:2]
-        area = height * width
-        for _ in range(10):
-            target = area * rng.uniform(*scale)
-            aspect = np.exp(rng.uniform(*log_ratio))
-            w = int(round(np.sqrt(target * aspect)))
-            h = int(round(np.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                top = rng.integers(0, height - h + 1)
-                left = rng.integers(0, width - w + 1)
-                break
-        else:  # centre crop at the nearest allowed aspect ratio
-            aspect = width / height
-            if aspect < ratio[0]:
-                w, h = width, int(round(width / ratio[0]))
-            elif aspect > ratio[1]:
-                w, h = int(round(height * ratio[1])), height
-            else:
-                w, h = width, height
-            top, left = (height - h) // 2, (width - w) // 2
+        top, left, h, w = sample_crop_box(*image.shape[:2], scale, ratio, rng)
         crop = image[top : top + h, left : left + w]
         return {**example, "image": _resize(crop, size, size, interpolation)}
+
+    return op
+
+
+@TRANSFORMS.register
+def resize(size: int | tuple[int, int], interpolation: str = "bilinear") -> Op:
+    """Resizes the short side to `size` (aspect kept), or to exactly (height, width)."""
+
+    def op(example: Example, rng: np.random.Generator | None = None) -> Example:
+        image = example["image"]
+        height, width = image.shape[:2]
+        if isinstance(size, int):
+            scale = size / min(height, width)
+            new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        else:
+            new_h, new_w = size
+        return {**example, "image": _resize(image, new_h, new_w, interpolation)}
+
+    return op
+
+
+@TRANSFORMS.register
+def center_crop(size: int | tuple[int, int]) -> Op:
+    """The central size x size (or (height, width)) crop; zero-padded if the image is smaller."""
+    crop_h, crop_w = (size, size) if isinstance(size, int) else size
+
+    def op(example: Example, rng: np.random.Generator | None = None) -> Example:
+        image = example["image"]
+        pad_h, pad_w = max(crop_h - image.shape[0], 0), max(crop_w - image.shape[1], 0)
+        if pad_h or pad_w:
+            image = np.pad(
+                image, ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+            )
+        top = int(round((image.shape[0] - crop_h) / 2))
+        left = int(round((image.shape[1] - crop_w) / 2))
+        return {**example, "image": image[top : top + crop_h, left : left + crop_w]}
 
     return op
 
@@ -124,6 +182,135 @@ def resize_center_crop(size: int, crop_pct: float = 0.875, interpolation: str = 
         return {**example, "image": image[top : top + size, left : left + size]}
 
     return op
+
+
+@TRANSFORMS.register
+def decode() -> Op:
+    """Encoded image bytes in `image` -> uint8 RGB [H, W, 3] (zoo/data/decode.py); arrays
+    pass through. For sources that store encoded files; folders decode when read."""
+    from zoo.data.decode import decode_image
+
+    def op(example: Example, rng: np.random.Generator | None = None) -> Example:
+        image = example["image"]
+        if isinstance(image, bytes | np.bytes_):
+            return {**example, "image": decode_image(bytes(image))}
+        return example
+
+    return op
+
+
+@TRANSFORMS.register
+def random_erasing(
+    prob: float = 0.25,
+    scale: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 3.3),
+    mode: str = "pixel",
+    max_count: int = 1,
+) -> Op:
+    """Random erasing (Zhong et al. 2020), timm's RandomErasing on uint8 host images: with
+    probability `prob`, up to `max_count` boxes of area fraction in `scale` and aspect ratio
+    log-uniform in `ratio` are filled with per-pixel uniform noise ("pixel"), one random
+    colour per box ("rand") or zeros ("const"). (timm draws normal noise after normalisation;
+    uniform 0..255 noise is its host-side counterpart.)"""
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"random_erasing mode must be pixel, rand or const, got '{mode}'")
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        if rng.random() >= prob:
+            return example
+        image = np.array(example["image"])  # a writable copy
+        height, width, channels = image.shape
+        for _ in range(int(rng.integers(1, max_count + 1))):
+            for _attempt in range(10):
+                area = height * width * rng.uniform(*scale)
+                aspect = np.exp(rng.uniform(*log_ratio))
+                h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+                if 0 < h < height and 0 < w < width:
+                    top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+                    shape = {"pixel": (h, w, channels), "rand": (1, 1, channels)}.get(mode)
+                    fill = rng.integers(0, 256, shape, dtype=np.uint8) if shape else 0
+                    image[top : top + h, left : left + w] = fill
+                    break
+        return {**example, "image": image}
+
+    return op
+
+
+@TRANSFORMS.register
+def multi_crop(
+    global_size: int = 224,
+    local_size: int = 96,
+    num_global: int = 2,
+    num_local: int = 6,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    flip_prob: float = 0.5,
+    interpolation: str = "bicubic",
+) -> Op:
+    """DINO's multi-crop (Caron et al. 2021): `num_global` random resized crops at
+    `global_size` and `num_local` at `local_size`, each flipped with `flip_prob`.
+
+    The views replace `image`: the global crops are `image`, `image_1`, ..., then the local
+    crops follow (`image_{num_global}`, ...); every view batches to its own array and the
+    device ops (normalisation, colour ops) apply to each.
+    """
+    sizes = [(global_size, global_scale)] * num_global + [(local_size, local_scale)] * num_local
+    if not sizes:
+        raise ValueError("multi_crop needs at least one view")
+    crops = [random_resized_crop(size, scale, interpolation=interpolation) for size, scale in sizes]
+    flip_op = flip(flip_prob)
+
+    def op(example: Example, rng: np.random.Generator) -> Example:
+        out = {k: v for k, v in example.items() if k != "image"}
+        for i, crop in enumerate(crops):
+            view = flip_op(crop(example, rng), rng)["image"]
+            out["image" if i == 0 else f"image_{i}"] = view
+        return out
+
+    return op
+
+
+@TRANSFORMS.register
+def rand_augment(
+    num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5
+) -> Op:
+    """RandAugment (Cubuk et al. 2020) with timm's increasing op set ("rand-m9-mstd0.5-inc1"):
+    see zoo/data/rand_augment.py."""
+    from zoo.data.rand_augment import rand_augment_op
+
+    return rand_augment_op(num_ops, magnitude, magnitude_std, prob)
+
+
+def resolve_data_config(model_name: str, image_size: int | None = None) -> dict[str, Any]:
+    """Eval preprocessing of a model's pretrained weights, as timm's resolve_data_config.
+
+    Returns {"input_size": (H, W, C), "crop_pct", "mean", "std", "interpolation",
+    "eval_ops": "resize_center_crop(...)"}: resize the short side to size / crop_pct, take the
+    central crop, normalise by mean/std. Models without pretrained metadata get timm's
+    defaults (224, 0.875, ImageNet mean/std, bilinear). `image_size` overrides the size.
+    """
+    from zoo.models import model_entry
+
+    pretrained = model_entry(model_name).pretrained
+    if pretrained is None:
+        from zoo.models.catalog import PretrainedConfig
+
+        pretrained = PretrainedConfig()
+    height, width, channels = pretrained.input_size
+    size = image_size or height
+    ops = (
+        f"resize_center_crop(size={size}, crop_pct={pretrained.crop_pct}, "
+        f"interpolation='{pretrained.interpolation}')"
+    )
+    return {
+        "input_size": (size, size if image_size else width, channels),
+        "crop_pct": pretrained.crop_pct,
+        "mean": tuple(pretrained.mean),
+        "std": tuple(pretrained.std),
+        "interpolation": pretrained.interpolation,
+        "eval_ops": ops,
+    }
 
 
 def parse_ops(spec: str) -> list[tuple[str, dict[str, Any]]]:
