@@ -76,8 +76,12 @@ def supervised(model: nn.Module, num_classes: int, label_smoothing: float = 0.0)
             )
         else:
             logits, new_state = model.apply(variables, batch["image"], train=False), model_state
-        targets = smoothed_labels(batch["label"], num_classes, label_smoothing)
+        if "targets" in batch:  # soft targets from mixup/cutmix, smoothing folded in
+            targets = batch["targets"]
+        else:
+            targets = smoothed_labels(batch["label"], num_classes, label_smoothing)
         per_example = cross_entropy(logits, targets)
+        # Against the hard label (of the dominant image, when mixed).
         metrics = {"accuracy": jnp.mean(topk_correct(logits, batch["label"], 1))}
         return jnp.mean(per_example), (metrics, dict(new_state))
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.data import pipeline
-from zoo.data.augment import make_augment
+from zoo.data.augment import augment_from_config, make_augment
 from zoo.data.datasets import get_dataset
 from zoo.methods.supervised import supervised
 from zoo.models import create_model
@@ -97,7 +97,8 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     train_size = len(spec.source("train", config.data))
     steps_per_epoch, total_steps = schedule_lengths(config, train_size)
     tx, schedule = build_optimizer(config.optim, config.schedule, total_steps, steps_per_epoch)
-    augment = make_augment(spec.mean, spec.std)
+    augment = augment_from_config(config.data, spec, config.method.label_smoothing)
+    eval_augment = make_augment(spec.mean, spec.std)  # normalisation only
 
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     example_batch = pipeline.example_batch(spec, config.data)
@@ -114,7 +115,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
 
     train_step = compile_train_step(mesh, method=method, tx=tx, augment=augment, schedule=schedule)
     eval_step = compile_eval_step(
-        mesh, method=method, augment=augment, num_classes=spec.num_classes
+        mesh, method=method, augment=eval_augment, num_classes=spec.num_classes
     )
     writer = metrics_lib.MetricWriter(workdir)
     eval_every = config.evals.every_steps or steps_per_epoch
