@@ -12,13 +12,13 @@ import sys
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
 from safetensors.torch import save_file
+from timm_parity import logit_diff  # noqa: E402  (tests/ is on sys.path under pytest)
 
 import zoo
 from zoo.convert import main as convert_main
@@ -47,20 +47,6 @@ def timm_model(name: str, seed: int = 0, **kw) -> torch.nn.Module:
             if name_.endswith("gamma") or "token" in name_:
                 param.normal_(0.0, 0.1)
     return model
-
-
-def logit_diff(name: str, reference: torch.nn.Module, size: int, **zoo_kw) -> float:
-    """Max abs difference of logits between `reference` and the converted zoo model."""
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(x).numpy()
-    model = zoo.create_model(name, **zoo_kw)
-    variables = zoo.load_pretrained(model, reference.state_dict(), model_name=name)
-    apply = jax.jit(model.apply, static_argnames="train")  # one compile beats per-op eager
-    logits = apply(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), train=False)
-    assert logits.shape == expected.shape
-    assert np.abs(expected).max() > 0.1, "degenerate reference logits"
-    return float(np.abs(np.asarray(logits) - expected).max())
 
 
 # Smallest of each family in CI; the rest with `pytest -m slow`. (family variant, input size)
