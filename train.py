@@ -41,7 +41,12 @@ def main(argv):
     config = flags.FLAGS.config
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
     logging.set_verbosity(logging.WARNING)
-    loop.run(config, flags.FLAGS.workdir or str(ROOT / "runs" / config_name))
+    try:
+        loop.run(config, flags.FLAGS.workdir or str(ROOT / "runs" / config_name))
+    except (ValueError, FileNotFoundError) as e:  # zoo's errors name the problem and the fix
+        if os.environ.get("ZOO_TRACEBACK"):
+            raise
+        sys.exit(f"train.py: {e}\n(set ZOO_TRACEBACK=1 to see the traceback)")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ def _flatten(tree, prefix=""):
         ("--config.optim.lrr=0.1", "unknown config key 'optim.lrr'"),
         ("--config.optim.lr=fast", "--config.optim.lr=fast"),
         ("--config.modle.name=resnet8", "unknown config key 'modle.name'"),
+        ("--config.model.name=resnt8", "unknown model 'resnt8'; did you mean: resnet8"),
+        ("--config.data.name=fashion_mnst", "unknown dataset 'fashion_mnst'; did you mean"),
     ],
 )
 def test_bad_override_exits_nonzero_naming_the_key(tmp_path, override, message):
