@@ -45,6 +45,9 @@ def base() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.name = "supervised"
     c.method.label_smoothing = 0.0
+    # Binary/multilabel: a sigmoid output above this probability counts as positive
+    # (accuracy, precision, recall, F1); ROC-AUC and mAP do not depend on it.
+    c.method.threshold = 0.5
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # sgd | adamw

@@ -5,7 +5,9 @@
     spec = get_dataset("folder:/data/pets", cfg)  # an image folder (see `folder_dataset`)
     source = spec.source("train", data_config)    # random-access, for grain
 
-Registered: the embedded `fashion_mnist_mini`, `fashion_mnist` (the official IDX files) and
+Registered: the embedded `fashion_mnist_mini`, its binary `fashion_mnist_mini_footwear`
+(sandal, sneaker, ankle boot vs the rest) and multi-label `fashion_mnist_mini_mosaic` (2x2
+mosaics labelled with the classes present), `fashion_mnist` (the official IDX files) and
 tfds datasets read with `tfds.data_source` (cifar10, cifar100, mnist, tfds_fashion_mnist,
 imagenet2012, imagenette, oxford_flowers102, oxford_iiit_pet, stl10, food101, eurosat).
 Datasets without an eval split (eurosat, folders without val/) hold out a seeded
@@ -22,7 +24,9 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-from zoo.data import sources
+import numpy as np
+
+from zoo.data import mosaic, sources
 from zoo.registry import Registry
 
 # Split names that stand for a seeded hold-out of the "train" split (sources.holdout_split).
@@ -136,6 +140,48 @@ register_dataset(
         num_classes=10,
         class_names=FASHION_MNIST_CLASSES,
         image_shape=(28, 28, 1),
+        **_FMNIST_STATS,
+    )
+)
+
+
+# Binary and multi-label tasks on the embedded images (zoo/data/mosaic.py).
+FOOTWEAR_CLASSES = (5, 7, 9)  # Sandal, Sneaker, Ankle boot
+
+
+def _footwear(split: str, _: Any):
+    embedded = sources.embedded_source("fashion_mnist_mini", split)
+    return mosaic.LabelMapSource(embedded, lambda label: np.int32(label in FOOTWEAR_CLASSES))
+
+
+def _mosaics(split: str, _: Any):
+    # Fixed seeds per split: the dataset is the same whatever the training seed.
+    embedded = sources.embedded_source("fashion_mnist_mini", split)
+    return mosaic.MosaicSource(embedded, num_classes=10, seed={"train": 0, "test": 1}[split])
+
+
+register_dataset(
+    DatasetSpec(
+        name="fashion_mnist_mini_footwear",
+        load=_footwear,
+        splits={"train": "train", "eval": "test"},
+        num_classes=1,
+        class_names=("not footwear", "footwear"),
+        task="binary",
+        image_shape=(28, 28, 1),
+        **_FMNIST_STATS,
+    )
+)
+
+register_dataset(
+    DatasetSpec(
+        name="fashion_mnist_mini_mosaic",
+        load=_mosaics,
+        splits={"train": "train", "eval": "test"},
+        num_classes=10,
+        class_names=FASHION_MNIST_CLASSES,
+        task="multilabel",
+        image_shape=(56, 56, 1),
         **_FMNIST_STATS,
     )
 )

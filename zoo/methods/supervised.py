@@ -1,10 +1,22 @@
-"""Supervised classification as a method: softmax cross-entropy with label smoothing.
+"""Supervised classification as a method, for the three tasks of a dataset (DatasetSpec.task).
+
+  multiclass  softmax cross-entropy with label smoothing (Szegedy et al. 2016); `label` int32
+  binary      ONE logit and sigmoid binary cross-entropy; `label` int32 0/1. One logit (not a
+              2-way softmax) because its sigmoid is the positive-class score that ROC-AUC,
+              precision/recall and F1 are defined on, and it has no redundant parameters
+              (a 2-way softmax depends only on the difference of its two logits). The model is
+              built with num_classes=1 (DatasetSpec.num_classes is 1 for binary datasets).
+  multilabel  K logits, independent sigmoid BCE per class; `label` uint8 multi-hot [K]
+
+Label smoothing for the sigmoid tasks moves each 0/1 target towards 1/2: y(1 - s) + s/2.
 
 A method is one frozen dataclass of pure functions (DESIGN.md): `init`, `loss`,
-`update_extra`, `features`. The one train step calls `loss` for every method, so supervised
-training is not special-cased anywhere.
+`update_extra`, `logits`, and `eval_sums`, which the one eval step (zoo/training/step.py)
+calls to get the task's (sum, count) statistics of a batch, so evaluation is not forked either.
 
-    method = supervised(model, num_classes=10, label_smoothing=0.1)
+    method = supervised(model, num_classes=10, label_smoothing=0.1)           # multiclass
+    method = supervised(model, num_classes=1, task="binary")
+    method = supervised(model, num_classes=10, task="multilabel", threshold=0.5)
     loss, (metrics, model_state) = method.loss(params, model_state, extra, batch, rng,
                                                train=True)
 """
@@ -21,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 Batch = dict[str, Any]
+TASKS = ("multiclass", "binary", "multilabel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +46,10 @@ class Method:
     loss: Callable[..., tuple[jax.Array, tuple[dict, Any]]]
     update_extra: Callable[[Any, Any, jax.Array], Any]  # (extra, params, step) -> extra
     logits: Callable[..., jax.Array]  # (params, model_state, images) -> [B, classes], eval
+    # (logits, batch with "label" and "mask") -> {name: sum over the masked batch}; an optional
+    # "per_example" entry holds [B, ...] arrays (scores, labels) that evaluation collects.
+    eval_sums: Callable[[jax.Array, Batch], dict[str, Any]]
+    task: str = "multiclass"
 
 
 def smoothed_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -46,6 +63,11 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example sigmoid BCE, averaged over the labels: logits, targets [B, K] -> [B]."""
+    return jnp.mean(optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets), -1)
+
+
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """[B] 1.0 where the label is among the k largest logits."""
     k = min(k, logits.shape[-1])
@@ -55,8 +77,37 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return (rank < k).astype(jnp.float32)
 
 
-def supervised(model: nn.Module, num_classes: int, label_smoothing: float = 0.0) -> Method:
-    """Multi-class classification with softmax cross-entropy."""
+def sigmoid_targets(labels: jax.Array) -> jax.Array:
+    """Binary int labels [B] or multi-hot [B, K] -> float targets [B, K'] (K' = 1 for binary)."""
+    labels = labels.astype(jnp.float32)
+    return labels[:, None] if labels.ndim == 1 else labels
+
+
+def supervised(
+    model: nn.Module,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    task: str = "multiclass",
+    threshold: float = 0.5,
+) -> Method:
+    """Classification with the loss and eval statistics of `task` (see module docstring).
+
+    Args:
+      model: a zoo model with `num_classes` outputs (1 for binary).
+      num_classes: outputs of the model: classes (multiclass, multilabel) or 1 (binary).
+      label_smoothing: s in [0, 1); softmax: (1 - s) one-hot + s / K; sigmoid: y(1 - s) + s/2.
+      task: "multiclass", "binary" or "multilabel".
+      threshold: probability above which a sigmoid output counts as positive (binary and
+        multilabel accuracy, precision, recall, F1).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
+    if task == "binary" and num_classes != 1:
+        raise ValueError(
+            f"a binary task has one logit (sigmoid), so num_classes must be 1, got {num_classes}"
+        )
+    # Positive when sigmoid(logit) > threshold, i.e. logit > logit(threshold).
+    logit_threshold = float(jnp.log(threshold) - jnp.log1p(-threshold))
 
     def init(rng: jax.Array, batch: Batch):
         variables = model.init({"params": rng}, batch["image"], train=False)
@@ -76,17 +127,65 @@ def supervised(model: nn.Module, num_classes: int, label_smoothing: float = 0.0)
             )
         else:
             logits, new_state = model.apply(variables, batch["image"], train=False), model_state
-        if "targets" in batch:  # soft targets from mixup/cutmix, smoothing folded in
-            targets = batch["targets"]
+        if task == "multiclass":
+            if "targets" in batch:  # soft targets from mixup/cutmix, smoothing folded in
+                targets = batch["targets"]
+            else:
+                targets = smoothed_labels(batch["label"], num_classes, label_smoothing)
+            per_example = cross_entropy(logits, targets)
+            # Against the hard label (of the dominant image, when mixed).
+            accuracy = jnp.mean(topk_correct(logits, batch["label"], 1))
         else:
-            targets = smoothed_labels(batch["label"], num_classes, label_smoothing)
-        per_example = cross_entropy(logits, targets)
-        # Against the hard label (of the dominant image, when mixed).
-        metrics = {"accuracy": jnp.mean(topk_correct(logits, batch["label"], 1))}
-        return jnp.mean(per_example), (metrics, dict(new_state))
+            hard = sigmoid_targets(batch["label"])
+            per_example = binary_cross_entropy(
+                logits, hard * (1.0 - label_smoothing) + label_smoothing / 2
+            )
+            # Per-label accuracy at the threshold (binary: the plain accuracy).
+            accuracy = jnp.mean((logits > logit_threshold) == (hard > 0.5))
+        return jnp.mean(per_example), ({"accuracy": accuracy}, dict(new_state))
 
     def logits(params, model_state, images):
         return model.apply({"params": params, **model_state}, images, train=False)
+
+    def eval_sums(logits: jax.Array, batch: Batch) -> dict[str, Any]:
+        labels, mask = batch["label"], batch["mask"]
+        logits = logits.astype(jnp.float32)
+        if task == "multiclass":
+            one_hot = jax.nn.one_hot(labels, num_classes)
+            confusion = jnp.einsum(  # [true, predicted]
+                "bi,bj->ij",
+                one_hot * mask[:, None],
+                jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes),
+            )
+            return {
+                "loss": jnp.sum(cross_entropy(logits, one_hot) * mask),
+                "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
+                "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
+                "count": jnp.sum(mask),
+                "confusion": confusion,
+            }
+        truth = sigmoid_targets(labels)  # [B, K]
+        predicted = (logits > logit_threshold).astype(jnp.float32)
+        weight = mask[:, None]
+        sums = {
+            "loss": jnp.sum(binary_cross_entropy(logits, truth) * mask),
+            "count": jnp.sum(mask),
+            # Per class [K]: true/false positives and false negatives at the threshold.
+            "tp": jnp.sum(predicted * truth * weight, axis=0),
+            "fp": jnp.sum(predicted * (1 - truth) * weight, axis=0),
+            "fn": jnp.sum((1 - predicted) * truth * weight, axis=0),
+            "correct_labels": jnp.sum((predicted == truth) * weight),
+            "exact_match": jnp.sum(jnp.all(predicted == truth, axis=-1) * mask),
+            # Ranking metrics (ROC-AUC, average precision) need the scores themselves.
+            "per_example": {"score": jax.nn.sigmoid(logits), "label": truth, "mask": mask},
+        }
+        if task == "binary":  # [true, predicted] over (negative, positive)
+            sums["confusion"] = jnp.einsum(
+                "bi,bj->ij",
+                jax.nn.one_hot(truth[:, 0], 2) * weight,
+                jax.nn.one_hot(predicted[:, 0], 2),
+            )
+        return sums
 
     return Method(
         name="supervised",
@@ -95,4 +194,6 @@ def supervised(model: nn.Module, num_classes: int, label_smoothing: float = 0.0)
         loss=loss,
         update_extra=lambda extra, params, step: extra,
         logits=logits,
+        eval_sums=eval_sums,
+        task=task,
     )

@@ -1,4 +1,18 @@
-"""Evaluators: run the eval step over a split and reduce (sum, count) pairs to metrics."""
+"""Evaluators: run the eval step over a split and reduce (sum, count) pairs to metrics.
+
+The eval step returns sums over each batch (`Method.eval_sums`), which add up exactly over
+batches and devices; metrics are ratios of the totals, never means of per-batch means.
+Ranking metrics (ROC-AUC, average precision) are not sums: the step also returns the
+per-example scores and labels, which are collected on the host (eval sets are small) and
+ranked here in numpy. By task:
+
+  multiclass  accuracy (top-1), top5, loss, count, confusion [true, predicted]
+  binary      accuracy, precision, recall, f1, auc, loss, count, confusion 2x2
+  multilabel  accuracy (per label), exact_match, map (mean over classes of AP), f1_micro,
+              f1_macro, loss, count
+
+    results = evaluate(eval_step, state, batches, mesh, task="binary")
+"""
 
 from __future__ import annotations
 
@@ -11,22 +25,109 @@ import numpy as np
 from zoo.training.step import device_batch
 
 
-def evaluate(
-    eval_step: Callable, state: Any, batches: Iterable[dict[str, np.ndarray]], mesh
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of scores [N] for 0/1 labels [N]: the probability that a
+    random positive scores above a random negative (ties count 1/2), by the Mann-Whitney rank
+    formula with average ranks for ties. NaN when one class is absent."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    num_pos, num_neg = int(labels.sum()), int((~labels).sum())
+    if num_pos == 0 or num_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), np.float64)
+    # Average 1-based rank over each run of tied scores.
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    for start, end in zip(starts, ends, strict=True):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    return float((ranks[labels].sum() - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg))
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Average precision of scores [N] for 0/1 labels [N]: sum over score thresholds of
+    (recall step) x precision, tied scores taken together (scikit-learn's definition).
+    NaN when there is no positive."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    num_pos = int(labels.sum())
+    if num_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.flatnonzero(np.diff(scores) != 0).tolist() + [len(scores) - 1]
+    true_positives = np.cumsum(labels)[last_of_tie]
+    predicted = np.asarray(last_of_tie) + 1
+    precision = true_positives / predicted
+    recall_steps = np.diff(np.concatenate([[0], true_positives])) / num_pos
+    return float(np.sum(recall_steps * precision))
+
+
+def f1_score(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """F1 = 2 tp / (2 tp + fp + fn) from counts (0 where there is nothing to find or find)."""
+    tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1e-12), 0.0)
+
+
+def metrics_from_totals(
+    totals: dict[str, Any], scores: np.ndarray | None, labels: np.ndarray | None, task: str
 ) -> dict[str, Any]:
-    """Top-1/top-5 accuracy, mean loss, example count and the confusion matrix [true, pred]."""
-    totals = None
+    """The metrics of `task` from summed eval statistics and the collected scores/labels."""
+    count = max(float(totals["count"]), 1.0)
+    results: dict[str, Any] = {
+        "loss": float(totals["loss"]) / count,
+        "count": int(round(float(totals["count"]))),
+    }
+    if "confusion" in totals:
+        results["confusion"] = np.asarray(totals["confusion"]).round().astype(np.int64)
+    if task == "multiclass":
+        results["accuracy"] = float(totals["top1"]) / count
+        results["top5"] = float(totals["top5"]) / count
+        return results
+    tp, fp, fn = (np.asarray(totals[k], np.float64) for k in ("tp", "fp", "fn"))
+    num_labels = tp.shape[-1]
+    results["accuracy"] = float(totals["correct_labels"]) / (count * num_labels)
+    if task == "binary":
+        results["precision"] = _ratio(tp[0], tp[0] + fp[0])
+        results["recall"] = _ratio(tp[0], tp[0] + fn[0])
+        results["f1"] = float(f1_score(tp, fp, fn)[0])
+        results["auc"] = roc_auc(scores[:, 0], labels[:, 0])
+        return results
+    results["exact_match"] = float(totals["exact_match"]) / count
+    # Classes without a positive in the eval set have no AP; mAP averages over the others.
+    ap = [average_precision(scores[:, k], labels[:, k]) for k in range(num_labels)]
+    results["map"] = float(np.nanmean(ap)) if not np.all(np.isnan(ap)) else float("nan")
+    results["f1_micro"] = float(f1_score(tp.sum(), fp.sum(), fn.sum()))
+    results["f1_macro"] = float(np.mean(f1_score(tp, fp, fn)))
+    return results
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator > 0 else 0.0
+
+
+def evaluate(
+    eval_step: Callable,
+    state: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    mesh,
+    task: str = "multiclass",
+) -> dict[str, Any]:
+    """Runs `eval_step` over `batches` and returns the metrics of `task` (module docstring)."""
+    totals, scores, labels = None, [], []
     for batch in batches:
-        sums = eval_step(state, device_batch(batch, mesh))
+        sums = dict(eval_step(state, device_batch(batch, mesh)))
+        per_example = sums.pop("per_example", None)
+        if per_example is not None:  # one host copy per batch: only for ranking metrics
+            per_example = jax.device_get(per_example)
+            keep = per_example["mask"] > 0
+            scores.append(per_example["score"][keep])
+            labels.append(per_example["label"][keep])
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     if totals is None:
         raise ValueError("the eval split is empty")
     totals = jax.device_get(totals)  # one host sync per evaluation
-    count = max(float(totals["count"]), 1.0)
-    return {
-        "loss": float(totals["loss"]) / count,
-        "accuracy": float(totals["top1"]) / count,
-        "top5": float(totals["top5"]) / count,
-        "count": int(totals["count"]),
-        "confusion": np.asarray(totals["confusion"]).round().astype(np.int64),
-    }
+    scores = np.concatenate(scores) if scores else None
+    labels = np.concatenate(labels) if labels else None
+    return metrics_from_totals(totals, scores, labels, task)

@@ -48,9 +48,25 @@ def build_model(config: Any, num_classes: int):
 def build_method(config: Any, model, spec):
     if config.method.name != "supervised":
         raise ValueError(f"method.name must be 'supervised', got '{config.method.name}'")
-    if spec.task != "multiclass":
-        raise ValueError(f"dataset '{spec.name}' is {spec.task}; only multiclass is supported")
-    return supervised(model, spec.num_classes, config.method.label_smoothing)
+    mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
+    if spec.task != "multiclass" and mixing:
+        raise ValueError(
+            f"dataset '{spec.name}' is {spec.task}; mixup/cutmix build one-hot targets and "
+            "need a multiclass dataset: set data.mixup_alpha=0 and data.cutmix_alpha=0"
+        )
+    return supervised(
+        model,
+        spec.num_classes,
+        config.method.label_smoothing,
+        task=spec.task,
+        threshold=config.method.threshold,
+    )
+
+
+def format_metrics(results: dict[str, Any]) -> str:
+    """'accuracy 0.9120, f1 0.8800, ...': the scalar eval metrics of any task, for the log."""
+    skip = ("confusion", "count")
+    return ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in skip)
 
 
 def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
@@ -114,9 +130,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     train_step = compile_train_step(mesh, method=method, tx=tx, augment=augment, schedule=schedule)
-    eval_step = compile_eval_step(
-        mesh, method=method, augment=eval_augment, num_classes=spec.num_classes
-    )
+    eval_step = compile_eval_step(mesh, method=method, augment=eval_augment)
     writer = metrics_lib.MetricWriter(workdir)
     eval_every = config.evals.every_steps or steps_per_epoch
     log_every = config.logging.every_steps
@@ -127,7 +141,11 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         nonlocal eval_seconds
         start = time.perf_counter()
         results = evaluate(
-            eval_step, state, pipeline.eval_batches(spec, config.data, **process), mesh
+            eval_step,
+            state,
+            pipeline.eval_batches(spec, config.data, **process),
+            mesh,
+            task=spec.task,
         )
         writer.write(step, "eval", {k: v for k, v in results.items() if k != "confusion"})
         eval_seconds += time.perf_counter() - start
@@ -159,10 +177,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             window, window_steps = None, 0
         if step % eval_every == 0 or step == total_steps:
             results = run_eval(step)
-            progress.write(
-                f"step {step}: eval top-1 {results['accuracy']:.4f} "
-                f"top-5 {results['top5']:.4f} loss {results['loss']:.4f}"
-            )
+            progress.write(f"step {step}: eval {format_metrics(results)}")
         if step % config.checkpoint.every_steps == 0 or step == total_steps:
             checkpointer.save(step, state, train_iter, config)
     progress.close()
@@ -176,18 +191,16 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     checkpointer.close()
     writer.close()
     metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.jsonl), workdir / "curves.png")
-    metrics_lib.plot_confusion_matrix(
-        results["confusion"],
-        spec.names(config.data),
-        workdir / "confusion_matrix.png",
-        title=f"{config.model.name} on {spec.name}: top-1 {results['accuracy']:.2%}",
-    )
+    if "confusion" in results:  # multiclass and binary
+        metrics_lib.plot_confusion_matrix(
+            results["confusion"],
+            spec.names(config.data),
+            workdir / "confusion_matrix.png",
+            title=f"{config.model.name} on {spec.name}: accuracy {results['accuracy']:.2%}",
+        )
     summary = {
         "step": step,
-        "eval_accuracy": results["accuracy"],
-        "eval_top5": results["top5"],
-        "eval_loss": results["loss"],
-        "eval_count": results["count"],
+        **{f"eval_{k}": v for k, v in results.items() if k != "confusion"},
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "compile_seconds": round(compile_seconds, 1) if compile_seconds else None,
@@ -201,8 +214,8 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"final eval on {results['count']} images: top-1 {results['accuracy']:.4f}, "
-        f"top-5 {results['top5']:.4f}, loss {results['loss']:.4f}; outputs in {workdir}"
+        f"final eval on {results['count']} images: {format_metrics(results)} ({spec.task}); "
+        f"outputs in {workdir}"
     )
     logging.info("summary: %s", summary)
     return results

@@ -15,11 +15,9 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from zoo.methods.supervised import cross_entropy, topk_correct
 from zoo.training.state import TrainState
 
 DATA_AXIS = "data"
@@ -62,28 +60,17 @@ def train_step(
     return new_state, cross_replica_mean(metrics, axis_name)
 
 
-def eval_step(state: TrainState, batch, *, method, augment, num_classes: int):
-    """Sums over the masked batch: loss, top-1/top-5 correct, count and a confusion matrix.
+def eval_step(state: TrainState, batch, *, method, augment, num_classes: int | None = None):
+    """The method's sums over the masked batch (`method.eval_sums`: loss, count and the task's
+    counts, e.g. top-1/top-5 correct and a confusion matrix for multiclass).
 
     Sums (not means) so that batches and devices combine exactly (scenic's (sum, count)).
+    `num_classes` is unused (the method knows its classes); it is accepted for old callers.
     """
+    del num_classes
     batch = augment(batch, jax.random.PRNGKey(0))
     logits = method.logits(state.params, state.model_state, batch["image"])
-    labels, mask = batch["label"], batch["mask"]
-    loss = cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
-    predictions = jnp.argmax(logits, axis=-1)
-    confusion = jnp.einsum(  # [true, predicted]
-        "bi,bj->ij",
-        jax.nn.one_hot(labels, num_classes) * mask[:, None],
-        jax.nn.one_hot(predictions, num_classes),
-    )
-    return {
-        "loss": jnp.sum(loss * mask),
-        "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
-        "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
-        "count": jnp.sum(mask),
-        "confusion": confusion,
-    }
+    return method.eval_sums(logits, batch)
 
 
 def make_mesh(devices=None) -> Mesh:
