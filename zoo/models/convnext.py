@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
+from zoo.models.conv import Conv
 from zoo.models.layers import DropPath, LayerScale, Mlp, global_avg_pool
 from zoo.models.pretrained import torch_to_flax
 
@@ -52,7 +53,7 @@ class ConvNeXtBlock(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         k, pad = self.kernel_size, self.kernel_size // 2
-        y = nn.Conv(
+        y = Conv(
             self.features,
             (k, k),
             padding=((pad, pad), (pad, pad)),
@@ -88,7 +89,7 @@ class ConvNeXtStage(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.downsample:
             x = self.norm(name="downsample_0")(x)
-            x = nn.Conv(
+            x = Conv(
                 self.features,
                 (2, 2),
                 strides=(2, 2),
@@ -149,7 +150,7 @@ class ConvNeXt(nn.Module):
         )
         x = x.astype(self.dtype)
         p = self.patch_size
-        x = nn.Conv(
+        x = Conv(
             self.dims[0],
             (p, p),
             strides=(p, p),

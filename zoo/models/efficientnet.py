@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.models.catalog import INCEPTION_MEAN, INCEPTION_STD, PretrainedConfig, register_model
+from zoo.models.conv import Conv
 from zoo.models.layers import DropPath, SqueezeExcite, global_avg_pool
 from zoo.models.pretrained import torch_to_flax
 
@@ -230,7 +231,7 @@ class EfficientNet(nn.Module):
 
         def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, **names):
             pad = "SAME" if self.padding == "same" else [(kernel // 2, kernel // 2)] * 2
-            return nn.Conv(
+            return Conv(
                 features,
                 (kernel, kernel),
                 strides=(strides, strides),

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo.models.conv import Conv
+
 
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al. 2016): drops the whole residual branch per example.
@@ -202,7 +204,7 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
-        x = nn.Conv(
+        x = Conv(
             self.embed_dim,
             (p, p),
             strides=(p, p),

@@ -24,17 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
+from zoo.models.conv import Conv
 from zoo.models.layers import DropPath, global_avg_pool
 
 # timm/torchvision initialise convolutions with kaiming_normal(fan_out, relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, **kw) -> nn.Conv:
+def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, **kw) -> Conv:
     # Explicit symmetric padding k//2, as torch does: "SAME" pads (0, 1) for a stride-2 3x3
     # convolution on an even input, which would shift every feature map by one pixel.
     pad = kernel // 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel, kernel),
         strides=(strides, strides),

@@ -1,0 +1,70 @@
+"""zoo.models.conv.Conv == flax's nn.Conv: outputs, gradients and parameters, every path."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.models import conv
+
+CASES = [  # (in, out, kernel, stride, padding, groups, size): each of conv2d's paths
+    (5, 7, 3, 1, ((1, 1), (1, 1)), 1, 9),  # k x k: matmul weight gradient
+    (5, 7, 3, 2, ((1, 1), (1, 1)), 1, 9),  # strided, odd size
+    (4, 6, 3, 2, "SAME", 1, 8),  # asymmetric SAME padding
+    (3, 8, 7, 2, ((3, 3), (3, 3)), 1, 11),  # ResNet stem
+    (6, 5, 1, 1, "VALID", 1, 7),  # 1x1: matmul
+    (6, 5, 1, 2, ((0, 0), (0, 0)), 1, 7),  # strided 1x1 (ResNet downsample)
+    (3, 8, 4, 4, "VALID", 1, 10),  # patchify (non-divisible size is cropped)
+    (8, 8, 7, 1, ((3, 3), (3, 3)), 8, 9),  # depthwise 7x7 (ConvNeXt)
+    (8, 8, 3, 2, ((1, 1), (1, 1)), 8, 9),  # strided depthwise (EfficientNet)
+    (8, 8, 5, 2, "SAME", 8, 10),  # depthwise SAME (tf_efficientnet)
+    (8, 12, 3, 1, ((1, 1), (1, 1)), 4, 7),  # grouped (ResNeXt): XLA
+]
+
+
+@pytest.mark.parametrize("cin, cout, k, s, padding, groups, size", CASES)
+def test_conv_matches_flax(cin, cout, k, s, padding, groups, size):
+    use_bias = k != 3  # both settings over the cases, at half the compile time
+    kw = dict(
+        features=cout,
+        kernel_size=(k, k),
+        strides=(s, s),
+        padding=padding,
+        feature_group_count=groups,
+        use_bias=use_bias,
+        bias_init=nn.initializers.normal(1.0),
+    )
+    ours, theirs = conv.Conv(**kw), nn.Conv(**kw)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, cin))
+    params = theirs.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(
+        jnp.shape, params
+    )
+    weights = jax.random.normal(jax.random.PRNGKey(2), theirs.apply(params, x).shape)
+
+    def loss(module, params, x):
+        return jnp.sum(module.apply(params, x) * weights)
+
+    y_ours, y_theirs = ours.apply(params, x), theirs.apply(params, x)
+    np.testing.assert_allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    grads_ours = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1)))(params, x)
+    grads_theirs = jax.grad(lambda p, x: loss(theirs, p, x), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(grads_ours), jax.tree.leaves(grads_theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_xla_switch_and_bf16():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4)).astype(jnp.bfloat16)
+    module = conv.Conv(4, (3, 3), feature_group_count=4, dtype=jnp.bfloat16)
+    params = module.init(jax.random.PRNGKey(1), x)
+    y = module.apply(params, x)
+    assert y.dtype == jnp.bfloat16
+    conv.IMPLEMENTATION = "xla"
+    try:
+        y_xla = module.apply(params, x)
+    finally:
+        conv.IMPLEMENTATION = "auto"
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(y_xla, np.float32), rtol=0.05, atol=0.05
+    )
