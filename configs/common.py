@@ -12,6 +12,11 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_epochs = 10.0  # used when total_steps is 0
     c.total_steps = 0
+    # Fine-tuning (zoo/training/loop.py): start from a zoo workdir's latest checkpoint or a
+    # timm/torchvision weights file instead of scratch, unless the workdir has a checkpoint.
+    # The classifier head is re-initialised when its number of classes differs.
+    c.init_from = ""
+    c.init_from_model = ""  # weights file: the registry name whose converter reads it
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet20"
@@ -59,6 +64,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+    c.optim.freeze_backbone = False  # True: train the classifier head only (linear probe)
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"  # cosine | constant

@@ -15,12 +15,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from zoo.data import pipeline
 from zoo.data.augment import augment_from_config, make_augment
 from zoo.data.datasets import get_dataset
 from zoo.methods.supervised import supervised
-from zoo.models import create_model
+from zoo.models import create_model, model_entry
+from zoo.models.pretrained import load_pretrained
 from zoo.training import metrics as metrics_lib
 from zoo.training.checkpoint import Checkpointer
 from zoo.training.evaluate import evaluate
@@ -69,6 +71,65 @@ def format_metrics(results: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in skip)
 
 
+def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path | None:
+    """`<workdir>/checkpoints/<largest step>/state`, or None when there is no checkpoint."""
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    return workdir / "checkpoints" / str(max(steps)) / "state" if steps else None
+
+
+def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, list[str]]:
+    """(params, model_state, re-initialised head paths) to start fine-tuning from.
+
+    `config.init_from` is a zoo workdir (its latest checkpoint, any number of classes) or a
+    weights file that `zoo.load_pretrained` reads (timm/torchvision .safetensors/.pth/.npz,
+    converted by `config.init_from_model`'s converter, default `config.model.name`). The
+    classifier head (the model's registered `head` parameters) keeps its fresh
+    initialisation when its shape differs (another number of classes); any other
+    parameter that is missing or has another shape is an error naming it.
+    """
+    source = pathlib.Path(config.init_from).expanduser()
+    head = model_entry(config.model.name).head
+    if source.is_dir():
+        checkpoint = latest_checkpoint(source)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"init_from={source} is a folder without checkpoints/<step>/; give a zoo "
+                "workdir that has trained, or a weights file"
+            )
+        import orbax.checkpoint as ocp
+
+        loaded = ocp.StandardCheckpointer().restore(checkpoint.absolute())
+        loaded = {"params": loaded["params"], **loaded["model_state"]}
+    elif source.is_file():
+        loaded = load_pretrained(
+            model,
+            source,
+            model_name=config.init_from_model or config.model.name,
+        )
+    else:
+        raise FileNotFoundError(f"init_from={source} is neither a zoo workdir nor a file")
+    fresh = traverse_util.flatten_dict({"params": state.params, **state.model_state})
+    loaded = traverse_util.flatten_dict(jax.device_get(loaded))
+    merged, reinit, problems = {}, [], []
+    for path, value in fresh.items():
+        is_head = path[0] == "params" and path[1] in head
+        if path in loaded and loaded[path].shape == value.shape:
+            merged[path] = jnp.asarray(loaded[path], value.dtype)
+        elif is_head:
+            merged[path] = value
+            reinit.append("/".join(path))
+        else:
+            got = loaded[path].shape if path in loaded else "missing"
+            problems.append(f"{'/'.join(path)}: {got} in init_from, {value.shape} in the model")
+    if problems:
+        raise ValueError(
+            f"init_from={source} does not fit model '{config.model.name}':\n  "
+            + "\n  ".join(problems)
+        )
+    variables = traverse_util.unflatten_dict(merged)
+    return variables.pop("params"), variables, reinit
+
+
 def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
     """(steps_per_epoch, total_steps) from `total_steps` or `num_epochs`."""
     steps_per_epoch = max(train_size // config.data.batch_size, 1)
@@ -112,7 +173,13 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     train_iter = pipeline.train_iterator(spec, config.data, seed=config.seed, **process)
     train_size = len(spec.source("train", config.data))
     steps_per_epoch, total_steps = schedule_lengths(config, train_size)
-    tx, schedule = build_optimizer(config.optim, config.schedule, total_steps, steps_per_epoch)
+    tx, schedule = build_optimizer(
+        config.optim,
+        config.schedule,
+        total_steps,
+        steps_per_epoch,
+        head=model_entry(config.model.name).head,
+    )
     augment = augment_from_config(config.data, spec, config.method.label_smoothing)
     eval_augment = make_augment(spec.mean, spec.std)  # normalisation only
 
@@ -124,8 +191,21 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     checkpointer = Checkpointer(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    restored = checkpointer.restore(state, train_iter)
+    restored = checkpointer.restore(state, train_iter)  # resume order: workdir, init_from, scratch
     state = restored if restored is not None else state
+    init_message = ""
+    if restored is None and config.init_from:
+        params, model_state, reinit = load_init_from(config, model, state)
+        state = jax.device_put(
+            state.replace(params=params, model_state=model_state, opt_state=tx.init(params)),
+            shardings(mesh)[0],
+        )
+        init_message = f"; initialised from {config.init_from}" + (
+            f" (re-initialised the classifier head for {spec.num_classes} class"
+            f"{'es' if spec.num_classes > 1 else ''}: {', '.join(reinit)})"
+            if reinit
+            else ""
+        )
     step = int(jax.device_get(state.step))
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -156,6 +236,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         f"({train_size:,} train images), {total_steps} steps of {config.data.batch_size} "
         f"on {mesh.size} {jax.devices()[0].platform} device(s); workdir {workdir}"
         + (f"; resumed at step {step}" if restored is not None else "")
+        + init_message
     )
     progress = metrics_lib.Progress(total_steps, step, config.data.batch_size)
     window, window_steps, results, first_step = None, 0, None, step

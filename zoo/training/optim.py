@@ -4,6 +4,11 @@
 
 Weight decay is applied to kernels only: biases, normalisation scales, position embeddings
 and class tokens are masked off (as timm and big_vision do), and it is never part of the loss.
+
+`optim.freeze_backbone=True` trains the classifier head only (a linear probe): the updates of
+every other parameter are set to zero (optax.multi_transform), so the backbone's weights do
+not move; BatchNorm running statistics are model state, not parameters, and still follow
+the new data in training mode.
 """
 
 from __future__ import annotations
@@ -45,10 +50,33 @@ def build_schedule(cfg: Any, peak_lr: float, total_steps: int, steps_per_epoch: 
     raise ValueError(f"schedule.name must be 'cosine' or 'constant', got '{cfg.name}'")
 
 
+def head_labels(head: tuple[str, ...]):
+    """params -> a tree of "head" / "backbone" labels by top-level name (optax.multi_transform)."""
+
+    def labels(params: Any) -> Any:
+        return {
+            name: jax.tree.map(lambda _, n=name: "head" if n in head else "backbone", subtree)
+            for name, subtree in params.items()
+        }
+
+    return labels
+
+
 def build_optimizer(
-    optim: Any, schedule_cfg: Any, total_steps: int, steps_per_epoch: int
+    optim: Any,
+    schedule_cfg: Any,
+    total_steps: int,
+    steps_per_epoch: int,
+    head: tuple[str, ...] = (),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns (tx, schedule) for optim.name in {"sgd", "adamw"}."""
+    """Returns (tx, schedule) for optim.name in {"sgd", "adamw"}.
+
+    Args:
+      optim, schedule_cfg: the config's `optim` and `schedule` namespaces.
+      total_steps, steps_per_epoch: lengths of the run, for the schedule.
+      head: top-level parameter names of the classifier head (the model's registered `head`);
+        needed by `optim.freeze_backbone`.
+    """
     schedule = build_schedule(schedule_cfg, optim.lr, total_steps, steps_per_epoch)
     parts = []
     if optim.grad_clip_norm > 0:
@@ -70,4 +98,14 @@ def build_optimizer(
         )
     else:
         raise ValueError(f"optim.name must be 'sgd' or 'adamw', got '{optim.name}'")
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if optim.get("freeze_backbone", False):
+        if not head:
+            raise ValueError(
+                "optim.freeze_backbone needs the names of the head parameters; pass the model's "
+                "registered head (zoo.model_entry(name).head) to build_optimizer"
+            )
+        tx = optax.multi_transform(
+            {"head": tx, "backbone": optax.set_to_zero()}, head_labels(tuple(head))
+        )
+    return tx, schedule
