@@ -29,13 +29,13 @@ import json
 import os
 import statistics
 import time
-import types
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from zoo.methods.supervised import supervised
@@ -112,19 +112,21 @@ def matmul_step(n: int = 4096, dtype=jnp.float32) -> Callable[[], None]:
 
 def optimizer_config(name: str):
     """The optim/schedule namespaces `build_optimizer` reads (typical recipe values)."""
-    optim = types.SimpleNamespace(
-        name=name,
-        lr=0.1 if name == "sgd" else 1e-3,
-        momentum=0.9,
-        nesterov=False,
-        weight_decay=1e-4 if name == "sgd" else 0.05,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        grad_clip_norm=0.0,
+    optim = ml_collections.ConfigDict(
+        dict(
+            name=name,
+            lr=0.1 if name == "sgd" else 1e-3,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=1e-4 if name == "sgd" else 0.05,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            grad_clip_norm=0.0,
+        )
     )
-    schedule = types.SimpleNamespace(
-        name="cosine", warmup_steps=10, warmup_epochs=0, end_lr_factor=0.0
+    schedule = ml_collections.ConfigDict(
+        dict(name="cosine", warmup_steps=10, warmup_epochs=0, end_lr_factor=0.0)
     )
     return optim, schedule
 
