@@ -23,6 +23,12 @@ CASES = [  # (in, out, kernel, stride, padding, groups, size): each of conv2d's 
 ]
 
 
+@pytest.fixture(autouse=True)
+def every_path_at_small_sizes(monkeypatch):
+    """The matmul weight gradient is kept for wide layers; test it on these small ones."""
+    monkeypatch.setattr(conv, "MIN_CHANNELS_FOR_MATMUL_WEIGHT_GRAD", 1)
+
+
 @pytest.mark.parametrize("cin, cout, k, s, padding, groups, size", CASES)
 def test_conv_matches_flax(cin, cout, k, s, padding, groups, size):
     use_bias = k != 3  # both settings over the cases, at half the compile time
