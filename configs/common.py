@@ -35,6 +35,10 @@ def base() -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.1  # held out for eval when a dataset has no eval split
     c.data.split_seed = 0  # seed of that hold-out (independent of `seed`)
     c.data.strict_decode = False  # True: an unreadable image file is an error, not skipped
+    # Normalisation in [0, 1] units; () = the dataset's. Pretrained weights want their own,
+    # e.g. (0.5, 0.5, 0.5) for tf_efficientnet_lite0 (zoo.model_entry(name).pretrained).
+    c.data.mean = ()
+    c.data.std = ()
     # Device batch ops (zoo/data/augment.py), timm's mixup/cutmix: 0 alphas = off.
     c.data.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing weight; timm recipes use 0.8
     c.data.cutmix_alpha = 0.0  # timm recipes use 1.0
@@ -65,6 +69,8 @@ def base() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 0.0  # 0 = no clipping
     c.optim.freeze_backbone = False  # True: train the classifier head only (linear probe)
+    # Layer-wise lr decay (BEiT): layer i of L gets lr * layer_decay ** (L - i); 1.0 = off.
+    c.optim.layer_decay = 1.0
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"  # cosine | constant

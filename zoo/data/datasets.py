@@ -92,13 +92,21 @@ def get_dataset(name: str, data_config: Any = None) -> DatasetSpec:
     """The spec of `name`: a registered name, "tfds:<tfds name>" or "folder:<path>".
 
     ValueError with close matches for an unknown registered name. `data_config` (the
-    config's `data` namespace) gives data_dir/download for tfds and the split keys for folders.
+    config's `data` namespace) gives data_dir/download for tfds and the split keys for folders,
+    and its `mean`/`std`, when set, replace the dataset's normalisation.
     """
     if name.startswith("tfds:"):
-        return tfds_dataset(name[len("tfds:") :], data_config)
-    if name.startswith("folder:"):
-        return folder_dataset(name[len("folder:") :], data_config)
-    return DATASETS.get(name)
+        spec = tfds_dataset(name[len("tfds:") :], data_config)
+    elif name.startswith("folder:"):
+        spec = folder_dataset(name[len("folder:") :], data_config)
+    else:
+        spec = DATASETS.get(name)
+    mean, std = tuple(_get(data_config, "mean", ())), tuple(_get(data_config, "std", ()))
+    if mean or std:  # the normalisation of pretrained weights (data.mean / data.std)
+        if len(mean) != len(std):
+            raise ValueError(f"data.mean {mean} and data.std {std} need one value per channel")
+        spec = dataclasses.replace(spec, mean=mean, std=std)
+    return spec
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:

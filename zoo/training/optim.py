@@ -9,13 +9,29 @@ and class tokens are masked off (as timm and big_vision do), and it is never par
 every other parameter are set to zero (optax.multi_transform), so the backbone's weights do
 not move; BatchNorm running statistics are model state, not parameters, and still follow
 the new data in training mode.
+
+`optim.layer_decay=d` (< 1) is layer-wise learning-rate decay for fine-tuning (BEiT, Bao et
+al. 2021; timm's `param_groups_layer_decay`): the parameters of layer `i` of `L` get the
+learning rate times `d ** (L - i)`. Layer 0 is the embedding/stem (patch embedding, position
+embedding, class/distillation tokens, the convolutional stem), layers 1..L-1 are the blocks in
+forward order, and layer L (scale 1) is everything after the last block: the final norm, a
+ConvNeXt/EfficientNet head conv or norm, and the classifier. Blocks are counted one by one as
+timm's fine-grained `group_matcher` does: ViT/DeiT `blocks_i`, Swin `layers_s_blocks_b`,
+ConvNeXt `stages_s/blocks_b`, ResNet `layer{s}_{b}`, EfficientNet `blocks_s_b`; a stage's
+downsampling layer (Swin, ConvNeXt) joins that stage's first block. (timm puts the final norm
+or EfficientNet's `conv_head` one layer below the classifier; BEiT, followed here, gives
+them the classifier's rate.) It is a last transformation that scales each parameter's
+update, so it scales the weight-decay term with the learning rate, as timm's lr_scale does,
+and composes with the schedule and `freeze_backbone`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
@@ -62,6 +78,81 @@ def head_labels(head: tuple[str, ...]):
     return labels
 
 
+# Layer-wise lr decay: parameter path (top-level names joined by "/") -> where it sits.
+EMBED_NAMES = re.compile(
+    r"^(patch_embed|pos_embed|absolute_pos_embed|cls_token|dist_token|stem_\d+|stem|conv_stem"
+    r"|conv1|bn1)(/|$)"
+)
+BLOCK_PATTERNS = (  # a block's ordinal (stage, index) in forward order
+    re.compile(r"^blocks_(\d+)(?:_(\d+))?/"),  # ViT/DeiT blocks_i, EfficientNet blocks_s_b
+    re.compile(r"^layers_(\d+)_blocks_(\d+)/"),  # Swin
+    re.compile(r"^layers_(\d+)_downsample()/"),  # Swin: with the stage's first block
+    re.compile(r"^stages_(\d+)/blocks_(\d+)/"),  # ConvNeXt
+    re.compile(r"^stages_(\d+)/downsample_\d+()/"),  # ConvNeXt: with the stage's first block
+    re.compile(r"^layer(\d+)_(\d+)/"),  # ResNet
+)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def _block_ordinal(name: str) -> tuple[int, ...] | None:
+    for pattern in BLOCK_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return tuple(int(g) if g else 0 for g in match.groups())
+    return None
+
+
+def layer_ids(params: Any) -> tuple[Any, int]:
+    """(a tree of layer ids like `params`, L): 0 = embedding/stem, 1..L-1 blocks, L = head.
+
+    Raises ValueError when no parameter belongs to a block (a model family this grouping
+    does not know), since layer decay would then silently do nothing useful.
+    """
+    names = jax.tree.leaves(jax.tree_util.tree_map_with_path(lambda p, _: _path_name(p), params))
+    ordinals = sorted({o for o in map(_block_ordinal, names) if o is not None})
+    if not ordinals:
+        raise ValueError(
+            "optim.layer_decay: no transformer/residual blocks found among the parameters "
+            f"(top-level names: {', '.join(sorted(params)[:8])}, ...); layer decay knows the "
+            "ViT/DeiT, Swin, ConvNeXt, ResNet and EfficientNet families"
+        )
+    block_id = {o: i + 1 for i, o in enumerate(ordinals)}
+    top = len(ordinals) + 1
+
+    def layer_id(path, _) -> int:
+        name = _path_name(path)
+        ordinal = _block_ordinal(name)
+        if ordinal is not None:
+            return block_id[ordinal]
+        return 0 if EMBED_NAMES.match(name) else top
+
+    return jax.tree_util.tree_map_with_path(layer_id, params), top
+
+
+def layer_scales(params: Any, layer_decay: float) -> Any:
+    """The learning-rate multiplier of every parameter: `layer_decay ** (L - layer id)`."""
+    ids, top = layer_ids(params)
+    return jax.tree.map(lambda i: float(layer_decay ** (top - i)), ids)
+
+
+def scale_by_layer_decay(layer_decay: float) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by its `layer_scales` (constants, no state)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        scales = layer_scales(updates, layer_decay)  # from the tree's names, at trace time
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def build_optimizer(
     optim: Any,
     schedule_cfg: Any,
@@ -76,6 +167,10 @@ def build_optimizer(
       total_steps, steps_per_epoch: lengths of the run, for the schedule.
       head: top-level parameter names of the classifier head (the model's registered `head`);
         needed by `optim.freeze_backbone`.
+
+    Raises:
+      ValueError: for an unknown optimizer, `freeze_backbone` without `head`, or
+        `optim.layer_decay` outside (0, 1].
     """
     schedule = build_schedule(schedule_cfg, optim.lr, total_steps, steps_per_epoch)
     parts = []
@@ -108,4 +203,12 @@ def build_optimizer(
         tx = optax.multi_transform(
             {"head": tx, "backbone": optax.set_to_zero()}, head_labels(tuple(head))
         )
+    layer_decay = optim.get("layer_decay", 1.0)
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(
+            f"optim.layer_decay must be in (0, 1] (1 = off; fine-tuning uses 0.65-0.9), "
+            f"got {layer_decay}"
+        )
+    if layer_decay < 1.0:
+        tx = optax.chain(tx, scale_by_layer_decay(layer_decay))
     return tx, schedule
