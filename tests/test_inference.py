@@ -88,7 +88,7 @@ def test_preprocessing_equals_timms_pixels(classifier, reference):
     image = Image.fromarray(skimage.data.chelsea())  # 451x300: not square, odd crop offsets
     _, transform = reference
     expected = transform(image).numpy().transpose(1, 2, 0)
-    np.testing.assert_allclose(eval_transform(image, classifier.config), expected, atol=1e-6)
+    np.testing.assert_allclose(eval_transform(image, classifier.preprocessing), expected, atol=1e-6)
 
 
 def test_logits_equal_timms_for_the_real_weights(classifier, reference):
@@ -127,7 +127,8 @@ def test_predict_script_ranks_and_reports_bad_files(tmp_path):
     )
     assert result.returncode == 1, result.stderr
     assert str(broken) in result.stderr
-    lines = result.stdout.splitlines()
+    header, *lines = result.stdout.splitlines()
+    assert header.startswith(f"# {MODEL} from ") and "multiclass, 1000 classes" in header
     assert lines[0] == str(coffee)
     assert re.fullmatch(r"  1\. espresso \(9\d\.\d%\)", lines[1]), result.stdout
     assert [re.match(r"  (\d)\. .+ \(\d+\.\d%\)$", line).group(1) for line in lines[1:]] == [

@@ -3,9 +3,10 @@
 import zoo
 zoo.list_models("resnet*")
 model = zoo.create_model("resnet50", num_classes=10)
+classifier = zoo.load_classifier("runs/default")  # a training workdir, or weights + model=
 """
 
-from zoo.inference import load_classifier  # noqa: F401
+from zoo.inference import Classifier, Ensemble, load_classifier  # noqa: F401
 from zoo.models import create_model, list_models, model_entry, register_model  # noqa: F401
 from zoo.models.pretrained import load_pretrained, load_state_dict  # noqa: F401
 

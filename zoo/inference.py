@@ -1,22 +1,37 @@
-"""Classify images with a zoo model: eval preprocessing from the weights' metadata, top-k.
+"""Classify images with a zoo model: from a training workdir or from pretrained weights.
 
     import zoo
-    classifier = zoo.load_classifier("efficientnet-lite0.pth", model="tf_efficientnet_lite0")
-    classifier.predict(["coffee.jpg"], top_k=3)
-    # [[('espresso', 0.95...), ('cup', ...), ('chocolate sauce', ...)]]
+    classifier = zoo.load_classifier("runs/default")      # what `train.py --workdir` wrote
+    classifier.predict(["shoe.jpg"], top_k=3)
+    # [[('Sneaker', 0.91...), ('Sandal', ...), ('Ankle boot', ...)]]
+    classifier = zoo.load_classifier("lite0.pth", model="tf_efficientnet_lite0")  # timm weights
 
-Preprocessing is timm's eval transform, done on the host with Pillow and numpy so that the
-pixels equal timm's: resize the short side to `floor(size / crop_pct)` with the weights'
-interpolation, centre-crop `size`, scale to [0, 1], normalise by mean/std (all from the
-model's `PretrainedConfig`). The forward pass and softmax are one `jax.jit` function,
-compiled once per batch shape; batches are padded to a fixed size so a long list of images
-compiles once.
+A workdir gives everything the run knew (`config.json` and the latest
+`checkpoints/<step>/state`): the model and its number of classes, the task (multiclass:
+softmax; binary: one logit, sigmoid; multilabel: a sigmoid per label), the class names, the
+decision threshold (`method.threshold`) and the eval preprocessing of the dataset. A weights
+file gives an ImageNet classifier with the preprocessing of its pretrained metadata.
+
+Preprocessing (`Preprocessing`) turns any image into what the model saw at eval time: decode
+to RGB as the data pipeline does (zoo/data/decode.py), convert to the model's channels (a colour
+photo becomes grayscale for a Fashion-MNIST model), resize and centre-crop it to the size of a
+dataset of fixed-size images, apply the run's `data.eval_ops` (the same ops as training's eval
+pipeline, e.g. `resize_center_crop`, which is pixel-identical to timm's eval transform), scale
+to [0, 1] and normalise by mean/std. The forward pass and the softmax/sigmoid are one `jax.jit`
+function, compiled once per batch shape; batches are padded to a fixed size so a long list of
+images compiles once. Several classifiers of the same classes average their probabilities in
+an `Ensemble`; `tta="flip"` averages each image with its mirror image.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import functools
+import json
+import logging
 import os
+import pathlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,21 +41,19 @@ import numpy as np
 from PIL import Image
 
 from zoo.data.class_names import load_class_names
+from zoo.data.decode import ImageDecodeError, _to_rgb, decode_image
+from zoo.data.transforms import build_ops, resize_center_crop
 from zoo.models.catalog import PretrainedConfig, create_model, model_entry
 from zoo.models.pretrained import load_pretrained
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
-
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-}
+TASKS = ("multiclass", "binary", "multilabel")
+TTA_MODES = ("flip",)
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image or an array.
+def load_image(image: ImageLike) -> np.ndarray:
+    """uint8 RGB [H, W, 3] from a path, a PIL image or an array, decoded as training decodes
+    files (EXIF orientation applied to files, transparency composited on white).
 
     Arrays are HxW or HxWxC (C = 1, 3 or 4), uint8, or float in [0, 1].
 
@@ -48,91 +61,218 @@ def load_image(image: ImageLike) -> Image.Image:
       ValueError: naming the path (or describing the array) when it is not a readable image.
     """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return np.asarray(_to_rgb(image), dtype=np.uint8)
     if isinstance(image, np.ndarray):
         array = image
         if np.issubdtype(array.dtype, np.floating):
             array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
-        if array.dtype != np.uint8 or array.ndim not in (2, 3):
-            raise ValueError(
-                f"expected an HxW(xC) uint8 or float array, got {array.dtype} {array.shape}"
-            )
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
-        return Image.fromarray(array).convert("RGB")
+        shape_ok = array.ndim == 2 or array.ndim == 3 and array.shape[-1] in (3, 4)
+        if array.dtype != np.uint8 or not shape_ok or array.size == 0:
+            raise ValueError(
+                f"expected an HxW or HxWxC (C = 1, 3, 4) uint8 or float array, "
+                f"got {image.dtype} {image.shape}"
+            )
+        if array.ndim == 3 and array.shape[-1] == 3:
+            return array
+        return np.asarray(_to_rgb(Image.fromarray(array)), dtype=np.uint8)
     path = os.fspath(image)
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (OSError, ValueError) as e:  # missing, unreadable, not an image
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+        with open(path, "rb") as f:
+            return decode_image(f.read())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not an image") from None
+    except (OSError, ImageDecodeError) as e:
+        reason = str(e)
+        if "UnidentifiedImageError" in reason:  # its message names a BytesIO, not the file
+            reason = "not an image, or a format Pillow cannot read"
+        raise ValueError(f"{path}: cannot read image ({reason})") from None
 
 
-def eval_transform(image: Image.Image, config: PretrainedConfig) -> np.ndarray:
-    """timm's eval transform ("center" crop mode) -> float32 [H, W, 3], normalised."""
-    height, width = config.input_size[:2]
-    if config.interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation '{config.interpolation}'")
-    # Short side to floor(size / crop_pct), long side int(scale * long / short): torchvision's
-    # `Resize(int)` on a PIL image, which timm uses.
-    scale = math.floor(min(height, width) / config.crop_pct)
-    w, h = image.size
-    size = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
-    if size != image.size:
-        image = image.resize(size, INTERPOLATIONS[config.interpolation])
-    # torchvision's CenterCrop: offsets rounded half to even.
-    left = int(round((image.width - width) / 2.0))
-    top = int(round((image.height - height) / 2.0))
-    image = image.crop((left, top, left + width, top + height))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    mean = np.asarray(config.mean, np.float32)
-    std = np.asarray(config.std, np.float32)
-    return (pixels - mean) / std
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """A model's eval preprocessing: uint8 RGB [H, W, 3] -> float32 [h, w, channels].
+
+    Attributes:
+      ops: host per-image ops in the language of zoo/data/transforms.py, e.g.
+        "resize_center_crop(size=224, crop_pct=0.875, interpolation='bicubic')".
+      mean, std: per-channel normalisation in [0, 1] units.
+      channels: 1 (grayscale, ITU-R 601-2 luma as Pillow's "L") or 3.
+      stored_size: (height, width) of a dataset of fixed-size images: other sizes are first
+        resized (short side) and centre-cropped to it, as the model never saw other sizes.
+    """
+
+    ops: str = ""
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    channels: int = 3
+    stored_size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_pretrained(cls, config: PretrainedConfig) -> Preprocessing:
+        """timm's eval transform of pretrained weights: resize, centre crop, normalise."""
+        height, width, channels = config.input_size
+        size = height if height == width else (height, width)
+        ops = (
+            f"resize_center_crop(size={size}, crop_pct={config.crop_pct}, "
+            f"interpolation='{config.interpolation}')"
+        )
+        return cls(ops, tuple(config.mean), tuple(config.std), channels)
+
+    @functools.cached_property
+    def _ops(self) -> list[Any]:
+        ops = build_ops(self.ops)
+        if self.stored_size is not None:
+            ops.insert(0, resize_center_crop(self.stored_size, crop_pct=1.0))
+        return ops
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """uint8 RGB [H, W, 3] (see `load_image`) -> float32 [h, w, channels], normalised."""
+        if self.channels == 1:
+            image = np.asarray(Image.fromarray(image).convert("L"))[..., None]
+        elif self.channels != 3:
+            raise ValueError(f"models with {self.channels} input channels are not supported")
+        example = {"image": image}
+        for op in self._ops:  # eval ops are deterministic; some take an rng anyway
+            example = op(example, np.random.default_rng(0))
+        pixels = np.asarray(example["image"], np.float32) / 255.0
+        return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+    def output_shape(self) -> tuple[int, int, int]:
+        """[h, w, channels] of every preprocessed image.
+
+        Raises:
+          ValueError: when the ops do not give one size whatever the input size.
+        """
+        shapes = {self(np.zeros(size, np.uint8)).shape for size in [(300, 400, 3), (97, 64, 3)]}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"eval preprocessing '{self.ops}' does not give images of one size (the "
+                "dataset's images vary in size); a run on such data needs data.eval_ops with "
+                "a fixed output size, e.g. 'resize_center_crop(size=224)'"
+            )
+        return shapes.pop()
+
+
+def eval_transform(image: Image.Image, config: PretrainedConfig | Preprocessing) -> np.ndarray:
+    """One image preprocessed as the model expects it: float32 [H, W, C], normalised."""
+    if isinstance(config, PretrainedConfig):
+        config = Preprocessing.from_pretrained(config)
+    return config(load_image(image))
+
+
+def rank(
+    probabilities: np.ndarray, class_names: Sequence[str], top_k: int
+) -> list[list[tuple[str, float]]]:
+    """Per row, the `top_k` (label, probability) pairs, most probable first (ties: lower index)."""
+    order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :top_k]
+    return [
+        [(class_names[int(i)], float(p[i])) for i in row]
+        for p, row in zip(probabilities, order, strict=True)
+    ]
+
+
+def decide(
+    probabilities: np.ndarray, class_names: Sequence[str], task: str, threshold: float
+) -> list[list[str]]:
+    """Per row, the predicted labels: the most probable class (multiclass); the positive
+    class when its probability is >= `threshold`, else the negative one (binary); every label
+    with probability >= `threshold` (multilabel, possibly none)."""
+    if task == "multiclass":
+        return [[class_names[int(i)]] for i in np.argmax(probabilities, axis=-1)]
+    if task == "binary":
+        return [[class_names[1] if p[1] >= threshold else class_names[0]] for p in probabilities]
+    return [[class_names[i] for i in np.flatnonzero(p >= threshold)] for p in probabilities]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "task"))
+def _probabilities(variables: Any, images: jax.Array, *, model: Any, task: str) -> jax.Array:
+    """[B, H, W, C] -> [B, num_classes] probabilities. Module-level and keyed by the (hashable)
+    module, so classifiers of one architecture, e.g. an ensemble's, share one compilation."""
+    logits = model.apply(variables, images, train=False).astype(jnp.float32)
+    if task == "multiclass":
+        return jax.nn.softmax(logits, axis=-1)
+    if task == "binary":  # [B, 1] -> [B, 2] = (1 - p, p): (negative, positive)
+        positive = jax.nn.sigmoid(logits[:, 0])
+        return jnp.stack([1.0 - positive, positive], axis=-1)
+    return jax.nn.sigmoid(logits)
 
 
 class Classifier:
-    """A model, its variables and its eval metadata; `predict` returns ranked labels.
+    """A model, its variables, its preprocessing and its classes; `predict` ranks labels.
 
     Args:
       model: the flax module.
       variables: its variables ({'params', ['batch_stats']}).
-      config: eval preprocessing (input size, crop, mean/std, interpolation).
-      class_names: one name per class; None labels classes by their index.
-      multi_label: sigmoid per class instead of a softmax over classes.
+      preprocessing: the eval preprocessing (`Preprocessing`).
+      class_names: one name per class (binary: (negative, positive)); None labels classes by
+        their index.
+      task: "multiclass" (softmax), "binary" (one logit, sigmoid) or "multilabel" (sigmoid
+        per label).
+      threshold: probability at which a binary/multilabel output counts as positive.
       batch_size: images per forward pass; every pass has this shape (padded), so one
         compilation serves any number of images.
+      description: where the classifier came from, for headers ("resnet8 from runs/x ...").
     """
 
     def __init__(
         self,
         model: Any,
         variables: Any,
-        config: PretrainedConfig,
+        preprocessing: Preprocessing,
         class_names: Sequence[str] | None = None,
         *,
-        multi_label: bool = False,
+        task: str = "multiclass",
+        threshold: float = 0.5,
         batch_size: int = 32,
+        description: str = "",
     ):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
+        num_outputs = model.num_classes
+        num_classes = 2 if task == "binary" else num_outputs
+        if class_names is None:
+            class_names = [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names for a {task} model with {num_outputs} "
+                f"output(s); give {num_classes} names"
+                + (" (negative, positive)" if task == "binary" else "")
+            )
         self.model = model
         self.variables = variables
-        self.config = config
-        self.class_names = list(class_names) if class_names is not None else None
-        self.multi_label = multi_label
+        self.preprocessing = preprocessing
+        self.class_names = list(class_names)
+        self.task = task
+        self.threshold = float(threshold)
         self.batch_size = batch_size
-
-        def probabilities(variables, images):
-            logits = model.apply(variables, images, train=False)
-            return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1)
-
-        self._probabilities = jax.jit(probabilities)
+        self.description = description or getattr(model, "name", None) or type(model).__name__
 
     def preprocess(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Images -> float32 [B, H, W, 3], as the model expects them."""
-        return np.stack([eval_transform(load_image(image), self.config) for image in images])
+        """Images -> float32 [B, H, W, C], as the model expects them."""
+        return np.stack([self.preprocessing(load_image(image)) for image in images])
 
-    def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Class probabilities [B, num_classes] (softmax, or sigmoid when multi-label)."""
-        batch = self.preprocess(images)
+    def probabilities(self, images: ImageLike | Sequence[ImageLike], tta: str | None = None):
+        """Class probabilities [B, num_classes] in `class_names` order: softmax (multiclass),
+        (1 - p, p) (binary), a sigmoid per label (multilabel).
+
+        Args:
+          images: paths, PIL images or arrays (any size and mode); one or a list.
+          tta: "flip" averages the probabilities of each image and its mirror image.
+        """
+        images = _as_list(images)
+        _check_tta(tta)
+        arrays = [load_image(image) for image in images]
+        probabilities = self._forward(self.preprocess(arrays))
+        if tta == "flip":
+            flipped = self._forward(self.preprocess([a[:, ::-1] for a in arrays]))
+            probabilities = (probabilities + flipped) / 2.0
+        return probabilities
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
         chunk = min(self.batch_size, len(batch))
         out = []
         for start in range(0, len(batch), chunk):
@@ -140,62 +280,283 @@ class Classifier:
             padded = np.concatenate(
                 [part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)]
             )
-            probs = self._probabilities(self.variables, jnp.asarray(padded))
+            probs = _probabilities(
+                self.variables, jnp.asarray(padded), model=self.model, task=self.task
+            )
             out.append(np.asarray(probs)[: len(part)])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    def label(self, index: int) -> str:
-        return self.class_names[index] if self.class_names else str(index)
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def predict(
-        self, images: ImageLike | Sequence[ImageLike], top_k: int = 5
+        self, images: ImageLike | Sequence[ImageLike], top_k: int = 5, tta: str | None = None
     ) -> list[list[tuple[str, float]]]:
         """Per image, the `top_k` classes as (label, probability), most probable first.
 
         Args:
           images: paths, PIL images or arrays (HxWxC uint8, or float in [0, 1]); one or a list.
           top_k: how many classes per image.
+          tta: "flip" for test-time augmentation with the mirror image.
 
         Raises:
           ValueError: naming the path of an image that cannot be read.
         """
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
-            images = [images]
-        probabilities = self.probabilities(list(images))
-        ranked = np.argsort(-probabilities, axis=-1, kind="stable")[:, :top_k]
-        return [
-            [(self.label(int(i)), float(p[i])) for i in order]
-            for p, order in zip(probabilities, ranked, strict=True)
-        ]
+        return rank(self.probabilities(images, tta), self.class_names, top_k)
+
+    def decide(self, probabilities: np.ndarray) -> list[list[str]]:
+        """The predicted labels of each row of `probabilities` (see `decide`)."""
+        return decide(probabilities, self.class_names, self.task, self.threshold)
+
+
+class Ensemble:
+    """Classifiers of the same classes and task; probabilities are their mean.
+
+    Each member keeps its own preprocessing, so members may differ in input size.
+    """
+
+    def __init__(self, classifiers: Sequence[Classifier], *, threshold: float | None = None):
+        if not classifiers:
+            raise ValueError("an ensemble needs at least one classifier")
+        first = classifiers[0]
+        for other in classifiers[1:]:
+            if other.task != first.task or other.class_names != first.class_names:
+                raise ValueError(
+                    "ensemble members must have the same task and classes: "
+                    f"{first.description} is {first.task} with {len(first.class_names)} classes "
+                    f"({_preview(first.class_names)}), {other.description} is {other.task} with "
+                    f"{len(other.class_names)} classes ({_preview(other.class_names)})"
+                )
+        self.classifiers = list(classifiers)
+        self.class_names = first.class_names
+        self.task = first.task
+        self.threshold = first.threshold if threshold is None else float(threshold)
+        self.description = f"ensemble of {len(classifiers)}: " + ", ".join(
+            c.description for c in classifiers
+        )
+
+    def probabilities(self, images: ImageLike | Sequence[ImageLike], tta: str | None = None):
+        """The members' mean probabilities [B, num_classes] (see `Classifier.probabilities`)."""
+        arrays = [load_image(image) for image in _as_list(images)]  # decoded once for all
+        return np.mean([c.probabilities(arrays, tta) for c in self.classifiers], axis=0)
+
+    def predict(
+        self, images: ImageLike | Sequence[ImageLike], top_k: int = 5, tta: str | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """Per image, the `top_k` (label, mean probability) pairs, most probable first."""
+        return rank(self.probabilities(images, tta), self.class_names, top_k)
+
+    def decide(self, probabilities: np.ndarray) -> list[list[str]]:
+        return decide(probabilities, self.class_names, self.task, self.threshold)
+
+
+def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
+
+
+def _check_tta(tta: str | None) -> None:
+    if tta is not None and tta not in TTA_MODES:
+        raise ValueError(f"tta must be None or one of {', '.join(TTA_MODES)}, got '{tta}'")
+
+
+def _preview(names: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path | None:
+    """`<workdir>/checkpoints/<largest step>/state`, or None (as zoo.training.loop's, without
+    importing the training stack)."""
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    steps = [s for s in steps if (workdir / "checkpoints" / str(s) / "state").is_dir()]
+    return workdir / "checkpoints" / str(max(steps)) / "state" if steps else None
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+    }
+
+
+def _restore_variables(checkpoint: pathlib.Path, abstract: dict[str, Any], context: str) -> Any:
+    """{'params', ...model_state} of a zoo checkpoint, checked against the model's shapes."""
+    import orbax.checkpoint as ocp
+
+    target = {"params": abstract["params"]}
+    model_state = {k: v for k, v in abstract.items() if k != "params"}
+    if model_state:
+        target["model_state"] = model_state
+    checkpointer = ocp.PyTreeCheckpointer()
+    # orbax logs that an item of a composite checkpoint has no step metadata of its own: noise
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        stored = checkpointer.metadata(checkpoint.absolute()).item_metadata.tree
+    finally:
+        absl_logger.setLevel(level)
+    stored_shapes = _flat_shapes({k: stored[k] for k in target if k in stored})
+    problems = [
+        f"{path}: {stored_shapes.get(path, 'missing')} in the checkpoint, {shape} in the model"
+        for path, shape in _flat_shapes(target).items()
+        if stored_shapes.get(path) != shape
+    ]
+    if problems:
+        shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+        raise ValueError(f"{checkpoint} does not fit {context}:\n  " + "\n  ".join(shown))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target
+    )
+    restored = checkpointer.restore(
+        checkpoint.absolute(),
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    return {"params": restored["params"], **restored.get("model_state", {})}
+
+
+def _load_workdir(
+    workdir: pathlib.Path,
+    model: str | None,
+    class_names: Sequence[str] | None,
+    threshold: float | None,
+    batch_size: int,
+) -> Classifier:
+    import ml_collections
+
+    from zoo.data.datasets import get_dataset
+
+    config_path = workdir / "config.json"
+    checkpoint = latest_checkpoint(workdir)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"{workdir} has no checkpoint (checkpoints/<step>/state): give the --workdir of a "
+            f"run that has trained (python train.py --workdir={workdir}), or a weights file"
+        )
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} is missing: train.py writes it into the workdir when a run starts; "
+            "give the workdir of a zoo training run"
+        )
+    try:
+        config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+        name, data_config = config.model.name, config.data
+        dataset_name = data_config.name
+    except (ValueError, AttributeError, KeyError) as e:
+        raise ValueError(f"{config_path} is not a zoo run config ({e})") from None
+    if model is not None and model != name:
+        raise ValueError(
+            f"model='{model}' but {workdir} trained '{name}': leave model out with a workdir "
+            "(it is read from config.json), or give a weights file with model="
+        )
+    try:
+        spec = get_dataset(dataset_name, data_config)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise ValueError(
+            f"{workdir} trained on data.name='{dataset_name}', which cannot be opened here for "
+            f"its classes and preprocessing: {e}"
+        ) from None
+    if class_names is None:
+        try:
+            class_names = spec.names(data_config)
+        except Exception as e:  # noqa: BLE001 - dataset metadata unavailable (e.g. offline tfds)
+            warnings.warn(
+                f"class names of '{dataset_name}' unavailable ({type(e).__name__}: {e}); "
+                "labelling classes by index (pass class_names= to name them)",
+                stacklevel=3,
+            )
+    preprocessing = Preprocessing(
+        ops=data_config.get("eval_ops", ""),
+        mean=tuple(spec.mean),
+        std=tuple(spec.std),
+        channels=spec.image_shape[-1] if spec.image_shape else 3,
+        stored_size=tuple(spec.image_shape[:2]) if spec.image_shape else None,
+    )
+    try:
+        input_shape = preprocessing.output_shape()
+    except ValueError as e:
+        raise ValueError(f"{workdir}: {e}") from None
+    model_kwargs = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype")}
+    module = create_model(name, num_classes=spec.num_classes, **model_kwargs)
+    abstract = jax.eval_shape(
+        functools.partial(module.init, train=False),
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, *input_shape), jnp.float32),
+    )
+    step = checkpoint.parent.name
+    context = f"model '{name}' with {spec.num_classes} output(s) as {config_path} describes it"
+    variables = _restore_variables(checkpoint, dict(abstract), context)
+    return Classifier(
+        module,
+        variables,
+        preprocessing,
+        class_names,
+        task=spec.task,
+        threshold=config.method.get("threshold", 0.5) if threshold is None else threshold,
+        batch_size=batch_size,
+        description=f"{name} from {workdir} (step {step}, {spec.name})",
+    )
 
 
 def load_classifier(
-    weights: str | os.PathLike,
-    model: str,
+    workdir_or_weights: str | os.PathLike,
+    model: str | None = None,
     *,
     class_names: Sequence[str] | None = None,
+    threshold: float | None = None,
     batch_size: int = 32,
 ) -> Classifier:
-    """A `Classifier` for pretrained weights of a registered model.
+    """A `Classifier` from a zoo training workdir or from pretrained weights.
 
     Args:
-      weights: a timm/torch weights file (`.pth`, `.safetensors`, `.npz`; see
-        `zoo.load_pretrained`), converted by the model's `from_timm`.
-      model: registry name, e.g. "tf_efficientnet_lite0"; its `PretrainedConfig` gives the
-        preprocessing and the class-name list.
-      class_names: overrides the names from the model's metadata.
+      workdir_or_weights: a zoo workdir (the `--workdir` of train.py: its `config.json` gives
+        the model, classes, task, threshold and preprocessing; the latest
+        `checkpoints/<step>/state` the variables), or a timm/torch weights file (`.pth`,
+        `.safetensors`, `.npz`; see `zoo.load_pretrained`) converted by `model`'s `from_timm`.
+      model: registry name; required with a weights file (its `PretrainedConfig` gives the
+        preprocessing and class names); with a workdir only checked against the run's.
+      class_names: overrides the class names (binary: (negative, positive)).
+      threshold: overrides the binary/multilabel decision threshold (workdir:
+        `method.threshold`; default 0.5).
       batch_size: images per forward pass.
 
     Returns:
       The classifier; `classifier.predict(paths)` gives ranked (label, probability) lists.
+
+    Raises:
+      FileNotFoundError: the path does not exist, or a workdir without checkpoint/config.
+      ValueError: model missing or disagreeing, or a checkpoint that does not fit its model.
     """
-    if os.path.isdir(weights):
-        raise ValueError(f"{os.fspath(weights)} is a directory; expected a weights file")
+    source = pathlib.Path(workdir_or_weights).expanduser()
+    if source.is_dir():
+        return _load_workdir(source, model, class_names, threshold, batch_size)
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist: give a zoo workdir (the --workdir of train.py) or a "
+            "weights file (.pth, .safetensors, .npz) with model=<registry name>"
+        )
+    if model is None:
+        raise ValueError(
+            f"{source} is a weights file: say which model it holds with "
+            "model=<registry name> (--model), e.g. model='tf_efficientnet_lite0'"
+        )
     entry = model_entry(model)
     config = entry.pretrained or PretrainedConfig()
     module = create_model(model, num_classes=config.num_classes)
-    variables = load_pretrained(module, weights, model_name=model)
+    variables = load_pretrained(module, source, model_name=model)
     if class_names is None and config.label_names:
         names = load_class_names(config.label_names)
         class_names = names if len(names) == config.num_classes else None
-    return Classifier(module, variables, config, class_names, batch_size=batch_size)
+    return Classifier(
+        module,
+        variables,
+        Preprocessing.from_pretrained(config),
+        class_names,
+        threshold=0.5 if threshold is None else threshold,
+        batch_size=batch_size,
+        description=f"{model} from {source}",
+    )

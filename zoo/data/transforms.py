@@ -165,21 +165,37 @@ def center_crop(size: int | tuple[int, int]) -> Op:
 
 
 @TRANSFORMS.register
-def resize_center_crop(size: int, crop_pct: float = 0.875, interpolation: str = "bilinear") -> Op:
-    """Eval preprocessing (timm's): resize the short side to size / crop_pct, then take the
-    central size x size crop."""
+def resize_center_crop(
+    size: int | tuple[int, int], crop_pct: float = 0.875, interpolation: str = "bilinear"
+) -> Op:
+    """Eval preprocessing, pixel for pixel timm's ("center" crop mode): resize, then take the
+    central `size` crop. The one implementation of it: training's `data.eval_ops` and
+    `zoo.inference` both use it.
+
+    A square `size` (an int, or (s, s)) resizes the short side to floor(s / crop_pct) and the
+    long side to int(long * short_new / short), keeping the aspect ratio (torchvision's
+    `Resize(int)`); a non-square (height, width) resizes to exactly
+    (floor(height / crop_pct), floor(width / crop_pct)), as timm does. The crop offsets
+    round half to even (torchvision's `CenterCrop`); a crop larger than the image is
+    zero-padded (crop_pct > 1).
+    """
+    crop_h, crop_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    crop = center_crop((crop_h, crop_w))
 
     def op(example: Example, rng: np.random.Generator | None = None) -> Example:
         image = example["image"]
         height, width = image.shape[:2]
-        short = int(np.floor(size / crop_pct))
-        if height <= width:
-            new_h, new_w = short, int(round(width * short / height))
+        if crop_h == crop_w:
+            short = int(np.floor(crop_h / crop_pct))
+            if height <= width:
+                new_h, new_w = short, int(short * width / height)
+            else:
+                new_h, new_w = int(short * height / width), short
         else:
-            new_h, new_w = int(round(height * short / width)), short
-        image = _resize(image, new_h, new_w, interpolation)
-        top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
-        return {**example, "image": image[top : top + size, left : left + size]}
+            new_h, new_w = int(np.floor(crop_h / crop_pct)), int(np.floor(crop_w / crop_pct))
+        if (new_h, new_w) != (height, width):
+            image = _resize(image, new_h, new_w, interpolation)
+        return crop({**example, "image": image})
 
     return op
 
