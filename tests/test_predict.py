@@ -238,6 +238,37 @@ def test_binary_workdir_gives_sigmoid_probabilities(binary_workdir, photos):
     assert [names[0] for names in strict.decide(probabilities)] == ["not footwear"] * 3
 
 
+def test_multilabel_sigmoid_per_label_and_labels_at_the_threshold(runs, photos, capsys):
+    """A multi-label workdir: the step-20 checkpoint read as a model of the 2x2 mosaics
+    (fashion_mnist_mini_mosaic: 10 labels, 56x56 images; a ResNet's weights fit any size)."""
+    workdir = runs[1].parent / "as_mosaic"
+    if not workdir.exists():
+        shutil.copytree(runs[1], workdir)
+        config = json.loads((workdir / "config.json").read_text())
+        config["data"]["name"] = "fashion_mnist_mini_mosaic"
+        config["method"]["threshold"] = 0.3
+        (workdir / "config.json").write_text(json.dumps(config))
+    multilabel = zoo.load_classifier(workdir)
+    assert (multilabel.task, multilabel.threshold) == ("multilabel", 0.3)
+    assert multilabel.preprocessing.stored_size == (56, 56)
+    images = [str(p) for p in good_photos(photos)]
+    probabilities = multilabel.probabilities(images)
+    logits = np.asarray(
+        APPLY(multilabel.model, multilabel.variables, multilabel.preprocess(images))
+    )
+    np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-logits)), atol=1e-6)
+    assert np.abs(probabilities.sum(-1) - 1).max() > 0.05  # not a softmax
+    expected = [[FASHION_MNIST_CLASSES[i] for i in np.flatnonzero(p >= 0.3)] for p in probabilities]
+    assert multilabel.decide(probabilities) == expected
+
+    assert predict.main(["--workdir", str(workdir), "--top-k", "2", *images]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.endswith("; multilabel, 10 classes; threshold 0.3")
+    for i, labels in enumerate(expected):
+        assert lines[4 * i] == images[i]
+        assert lines[4 * i + 3] == f"  labels at/above threshold 0.3: {', '.join(labels) or 'none'}"
+
+
 def test_python_m_zoo_predict_on_the_binary_workdir(binary_workdir, photos):
     chelsea = str(photos / "chelsea.png")
     result = subprocess.run(
