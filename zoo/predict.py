@@ -163,6 +163,55 @@ def classify_one_by_one(predictor, loaded, tta, failures):
     return kept, rows
 
 
+def format_result(
+    path: str, ranked: list[tuple[str, float]], predicted: list[str], predictor
+) -> str:
+    """The path, then '  1. label (61.2%)' lines; binary and multi-label models add the
+    labels predicted at their threshold."""
+    lines = [path] + [
+        f"  {position}. {label} ({100 * probability:.1f}%)"
+        for position, (label, probability) in enumerate(ranked, 1)
+    ]
+    if predictor.task == "binary":
+        lines.append(f"  predicted at threshold {predictor.threshold:g}: {predicted[0]}")
+    elif predictor.task == "multilabel":
+        shown = ", ".join(predicted) if predicted else "none"
+        lines.append(f"  labels at/above threshold {predictor.threshold:g}: {shown}")
+    return "\n".join(lines)
+
+
+def write_json(path: pathlib.Path, predictor, tta: str | None, results, failures) -> None:
+    report = {
+        "model": predictor.description,
+        "task": predictor.task,
+        "threshold": predictor.threshold,
+        "tta": tta,
+        "class_names": predictor.class_names,
+        "images": [
+            {
+                "path": r["path"],
+                "top_k": [{"label": label, "probability": p} for label, p in r["top_k"]],
+                "predicted": r["predicted"],
+            }
+            for r in results
+        ],
+        "errors": failures,
+    }
+    path.write_text(json.dumps(report, indent=2))
+
+
+def write_csv(path: pathlib.Path, results) -> None:
+    """Rows path,rank,label,probability,predicted (1 when the label is a predicted one)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "rank", "label", "probability", "predicted"])
+        for r in results:
+            for position, (label, p) in enumerate(r["top_k"], 1):
+                writer.writerow(
+                    [r["path"], position, label, f"{p:.6f}", int(label in r["predicted"])]
+                )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m zoo.predict",
@@ -242,52 +291,16 @@ def main(argv: list[str] | None = None) -> int:
         ranked_all = rank(probabilities, predictor.class_names, top_k)
         decisions = predictor.decide(probabilities)
         for (path, image), ranked, predicted in zip(loaded, ranked_all, decisions, strict=True):
-            print(path)
-            for position, (label, probability) in enumerate(ranked, 1):
-                print(f"  {position}. {label} ({100 * probability:.1f}%)")
-            if predictor.task == "binary":
-                print(f"  predicted at threshold {predictor.threshold:g}: {predicted[0]}")
-            elif predictor.task == "multilabel":
-                shown = ", ".join(predicted) if predicted else "none"
-                print(f"  labels at/above threshold {predictor.threshold:g}: {shown}")
+            print(format_result(path, ranked, predicted, predictor))
             results.append({"path": path, "top_k": ranked, "predicted": predicted})
             if annotate_dir is not None:
                 title = f"{pathlib.Path(path).name}: {ranked[0][0]}"
                 annotate(image, ranked, unique_png(annotate_dir, path, taken), title)
         sys.stdout.flush()
     if args.json:
-        report = {
-            "model": predictor.description,
-            "task": predictor.task,
-            "threshold": predictor.threshold,
-            "tta": args.tta,
-            "class_names": predictor.class_names,
-            "images": [
-                {
-                    "path": r["path"],
-                    "top_k": [{"label": lab, "probability": p} for lab, p in r["top_k"]],
-                    "predicted": r["predicted"],
-                }
-                for r in results
-            ],
-            "errors": failures,
-        }
-        pathlib.Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(pathlib.Path(args.json), predictor, args.tta, results, failures)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "rank", "label", "probability", "predicted"])
-            for r in results:
-                for position, (label, probability) in enumerate(r["top_k"], 1):
-                    writer.writerow(
-                        [
-                            r["path"],
-                            position,
-                            label,
-                            f"{probability:.6f}",
-                            int(label in r["predicted"]),
-                        ]
-                    )
+        write_csv(pathlib.Path(args.csv), results)
     return 1 if failures else 0
 
 
