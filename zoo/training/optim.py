@@ -142,7 +142,7 @@ def scale_by_layer_decay(layer_decay: float) -> optax.GradientTransformation:
     """Multiplies each parameter's update by its `layer_scales` (constants, no state)."""
 
     def init(params):
-        del params
+        layer_ids(params)  # an unknown model family fails here, when the state is built
         return optax.EmptyState()
 
     def update(updates, state, params=None):
