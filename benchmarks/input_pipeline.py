@@ -3,7 +3,9 @@
 ImageNet-style training preprocessing on an image folder of ~500x375 JPEGs (decode with
 Pillow, random_resized_crop 224, flip, rand_augment m9) through the grain pipeline with 0, 1
 and 2 worker processes, and the train step's own images/s for resnet50 at 224 (zoo's one
-jitted train step, one device). Prints a markdown table.
+jitted train step, one device); also the main job's input (configs/default.py: the embedded
+Fashion-MNIST subset in memory, `random_crop(padding=2)|flip`, batch 32). Prints a markdown
+table.
 
     python benchmarks/input_pipeline.py                    # defaults below
     python benchmarks/input_pipeline.py --batches=50 --step_batch=16 --steps=3
@@ -66,6 +68,19 @@ def input_images_per_second(root: pathlib.Path, workers: int, batches: int, batc
     return batches * batch / seconds
 
 
+def default_job_input_images_per_second(batches: int) -> float:
+    """The main job's input pipeline alone (configs/default.py), in the main process."""
+    from configs import default
+
+    config = default.get_config().data
+    iterator = pipeline.train_iterator(get_dataset(config.name, config), config, seed=0)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * config.batch_size / (time.perf_counter() - start)
+
+
 def train_step_images_per_second(model_name: str, batch: int, steps: int) -> float:
     config = common.base()
     mesh = step_lib.make_mesh(jax.devices()[:1])
@@ -111,6 +126,9 @@ def main() -> None:
             rate = input_images_per_second(root, workers, args.batches, args.batch)
             rows.append((f"input pipeline, {workers} worker process(es)", rate))
             print(f"  {rows[-1][0]}: {rate:.1f} img/s", flush=True)
+    rate = default_job_input_images_per_second(10 * args.batches)
+    rows.append(("input pipeline, main job (embedded Fashion-MNIST, 28x28, batch 32)", rate))
+    print(f"  {rows[-1][0]}: {rate:.1f} img/s", flush=True)
     if args.steps:
         rate = train_step_images_per_second(args.model, args.step_batch, args.steps)
         rows.append((f"train step, {args.model} @224, batch {args.step_batch}", rate))

@@ -150,3 +150,82 @@ def test_transform_spec_errors_name_the_problem():
         transforms.build_ops("flip(probability=1)")
     with pytest.raises(ValueError, match="cannot parse transform"):
         transforms.build_ops("random_crop(4")
+
+
+def padded_random_crop(image, padding, size, rng):
+    """The reference: np.pad, then the crop (random_crop before it skipped the padding)."""
+    height, width = image.shape[:2]
+    crop_h, crop_w = (size, size) if size else (height, width)
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    top = rng.integers(0, height + 2 * padding - crop_h + 1)
+    left = rng.integers(0, width + 2 * padding - crop_w + 1)
+    return padded[top : top + crop_h, left : left + crop_w]
+
+
+@pytest.mark.parametrize("padding, size", [(2, None), (4, None), (0, None), (4, 20), (3, 32)])
+def test_random_crop_equals_pad_then_crop(padding, size):
+    image = np.random.default_rng(0).integers(1, 256, (28, 28, 3), dtype=np.uint8)
+    op = transforms.random_crop(padding=padding, size=size)
+    for seed in range(50):
+        got = op({"image": image}, np.random.default_rng(seed))["image"]
+        want = padded_random_crop(image, padding, size, np.random.default_rng(seed))
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_in_memory_sources_read_without_threads_and_give_the_same_batches(monkeypatch):
+    spec = get_dataset("fashion_mnist_mini")
+    assert pipeline.in_memory(spec.source("train"))
+    assert pipeline.in_memory(get_dataset("fashion_mnist_mini_footwear").source("train"))
+    assert pipeline.read_options(spec.source("train")).num_threads == 0
+    assert not pipeline.in_memory(sources.SubsetSource([{"image": None}], [0]))
+    unthreaded = take(pipeline.train_iterator(spec, data_config(), seed=1), 3)
+    monkeypatch.setattr(pipeline, "read_options", lambda source: pipeline.grain.ReadOptions())
+    threaded = take(pipeline.train_iterator(spec, data_config(), seed=1), 3)
+    for x, y in zip(unthreaded, threaded, strict=True):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_prefetch_gives_the_same_batches_and_the_state_after_the_last_one_returned():
+    spec = get_dataset("fashion_mnist_mini")
+    plain = pipeline.train_iterator(spec, data_config(), seed=0)
+    expected, states = [], []
+    for _ in range(6):
+        expected.append(next(plain))
+        states.append(plain.get_state())
+    prefetch = pipeline.Prefetch(pipeline.train_iterator(spec, data_config(), seed=0), size=2)
+    for want, want_state in zip(expected[:4], states[:4], strict=True):
+        got = next(prefetch)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+        assert prefetch.get_state() == want_state  # not the state of the batches made ahead
+    # Resuming from the prefetcher's state continues with the next batch.
+    resumed = pipeline.train_iterator(spec, data_config(), seed=0)
+    resumed.set_state(prefetch.get_state())
+    np.testing.assert_array_equal(next(resumed)["image"], expected[4]["image"])
+    prefetch.close()
+    with pytest.raises(StopIteration):
+        next(prefetch)
+
+
+class _Failing:
+    def __init__(self):
+        self.count = 0
+
+    def get_state(self):
+        return {"count": self.count}
+
+    def __next__(self):
+        self.count += 1
+        if self.count == 3:
+            raise OSError("disk gone")
+        return self.count
+
+
+def test_prefetch_applies_fn_and_reraises_the_iterators_error():
+    prefetch = pipeline.Prefetch(_Failing(), fn=lambda x: 10 * x)
+    assert [next(prefetch), next(prefetch)] == [10, 20]
+    assert prefetch.get_state() == {"count": 2}
+    with pytest.raises(OSError, match="disk gone"):
+        next(prefetch)

@@ -42,10 +42,17 @@ def random_crop(padding: int = 4, size: int | None = None) -> Op:
         image = example["image"]  # [H, W, C]
         height, width = image.shape[:2]
         crop_h, crop_w = (size, size) if size else (height, width)
-        padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
         top = rng.integers(0, height + 2 * padding - crop_h + 1)
         left = rng.integers(0, width + 2 * padding - crop_w + 1)
-        return {**example, "image": padded[top : top + crop_h, left : left + crop_w]}
+        # The crop of the zero-padded image, without building it: np.pad took ~85% of this
+        # op's time on 28x28 images. (top, left) in the unpadded image's coordinates:
+        top, left = int(top) - padding, int(left) - padding
+        crop = np.zeros((crop_h, crop_w, *image.shape[2:]), image.dtype)
+        y0, y1 = max(top, 0), min(top + crop_h, height)  # the image rows inside the crop
+        x0, x1 = max(left, 0), min(left + crop_w, width)
+        if y0 < y1 and x0 < x1:
+            crop[y0 - top : y1 - top, x0 - left : x1 - left] = image[y0:y1, x0:x1]
+        return {**example, "image": crop}
 
     return op
 
