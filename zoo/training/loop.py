@@ -241,29 +241,32 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     progress = metrics_lib.Progress(total_steps, step, config.data.batch_size)
     window, window_steps, results, first_step = None, 0, None, step
     compile_seconds, train_start = None, time.perf_counter()
-    while step < total_steps:
-        batch = device_batch(next(train_iter), mesh)
-        if compile_seconds is None:  # compile ahead of time once, to report how long it took
-            start = time.perf_counter()
-            train_step = train_step.lower(state, batch, step_rng).compile()
-            compile_seconds = time.perf_counter() - start
-        state, step_metrics = train_step(state, batch, step_rng)
-        step += 1
-        window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
-        window_steps += 1
-        if step % log_every == 0 or step == total_steps:
-            scalars = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-            writer.write(step, "train", scalars)
-            progress.update(step, scalars)
-            window, window_steps = None, 0
-        if step % eval_every == 0 or step == total_steps:
-            results = run_eval(step)
-            progress.write(f"step {step}: eval {format_metrics(results)}")
-        if step % config.checkpoint.every_steps == 0 or step == total_steps:
-            checkpointer.save(step, state, train_iter, config)
-    progress.close()
-    if hasattr(train_iter, "close"):  # stops grain worker processes, if any
-        train_iter.close()
+    # The next batches are made and copied to the device in a thread while the step runs.
+    batches = pipeline.Prefetch(train_iter, lambda batch: device_batch(batch, mesh))
+    try:
+        while step < total_steps:
+            batch = next(batches)
+            if compile_seconds is None:  # compile ahead of time once, to report how long it took
+                start = time.perf_counter()
+                train_step = train_step.lower(state, batch, step_rng).compile()
+                compile_seconds = time.perf_counter() - start
+            state, step_metrics = train_step(state, batch, step_rng)
+            step += 1
+            window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+            window_steps += 1
+            if step % log_every == 0 or step == total_steps:
+                scalars = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+                writer.write(step, "train", scalars)
+                progress.update(step, scalars)
+                window, window_steps = None, 0
+            if step % eval_every == 0 or step == total_steps:
+                results = run_eval(step)
+                progress.write(f"step {step}: eval {format_metrics(results)}")
+            if step % config.checkpoint.every_steps == 0 or step == total_steps:
+                checkpointer.save(step, state, batches, config)
+        progress.close()
+    finally:
+        batches.close()  # stops the thread and grain's worker processes, if any
     train_seconds = time.perf_counter() - train_start
 
     if results is None:  # resumed at the end: evaluate the restored state
