@@ -11,6 +11,7 @@ import logging
 import math
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ from zoo.data.augment import augment_from_config, make_augment
 from zoo.data.datasets import get_dataset
 from zoo.methods.supervised import supervised
 from zoo.models import create_model, model_entry
-from zoo.models.pretrained import load_pretrained
+from zoo.models.pretrained import load_pretrained, load_state_dict
 from zoo.training import metrics as metrics_lib
 from zoo.training.checkpoint import Checkpointer
 from zoo.training.evaluate import evaluate
@@ -82,13 +83,16 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
 
     `config.init_from` is a zoo workdir (its latest checkpoint, any number of classes) or a
     weights file that `zoo.load_pretrained` reads (timm/torchvision .safetensors/.pth/.npz,
-    converted by `config.init_from_model`'s converter, default `config.model.name`). The
-    classifier head (the model's registered `head` parameters) keeps its fresh
-    initialisation when its shape differs (another number of classes); any other
-    parameter that is missing or has another shape is an error naming it.
+    converted by `config.init_from_model`'s converter, default `config.model.name`; a ViT's
+    position embedding is resized to the model's `img_size`). When the classifier head (the
+    model's registered `head` parameters) has another number of classes, it keeps its fresh
+    initialisation (from a workdir) or starts at zeros (from a weights file, as
+    `load_pretrained` does), and is listed as re-initialised; any other parameter that is
+    missing or has another shape is an error naming it.
     """
     source = pathlib.Path(config.init_from).expanduser()
     head = model_entry(config.model.name).head
+    zero_filled: list[str] = []  # head parameters a weights file's loader set to zeros
     if source.is_dir():
         checkpoint = latest_checkpoint(source)
         if checkpoint is None:
@@ -101,11 +105,21 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
         loaded = ocp.StandardCheckpointer().restore(checkpoint.absolute())
         loaded = {"params": loaded["params"], **loaded["model_state"]}
     elif source.is_file():
-        loaded = load_pretrained(
-            model,
-            source,
-            model_name=config.init_from_model or config.model.name,
-        )
+        model_name = config.init_from_model or config.model.name
+        state_dict = load_state_dict(source)
+        with warnings.catch_warnings():  # `run` names the re-initialised head instead
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = load_pretrained(model, state_dict, model_name=model_name)
+        # load_pretrained zero-fills a head whose number of classes differs (uniform
+        # predictions at the start, as big_vision fine-tunes); report it as re-initialised.
+        own = traverse_util.flatten_dict(model_entry(model_name).from_timm(state_dict, model))
+        zero_filled = [
+            "/".join(path)
+            for path, value in traverse_util.flatten_dict(loaded).items()
+            if path[0] == "params"
+            and path[1] in head
+            and getattr(own.get(path), "shape", None) != value.shape
+        ]
     else:
         raise FileNotFoundError(f"init_from={source} is neither a zoo workdir nor a file")
     fresh = traverse_util.flatten_dict({"params": state.params, **state.model_state})
@@ -127,7 +141,7 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
             + "\n  ".join(problems)
         )
     variables = traverse_util.unflatten_dict(merged)
-    return variables.pop("params"), variables, reinit
+    return variables.pop("params"), variables, reinit + zero_filled
 
 
 def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
