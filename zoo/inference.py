@@ -45,6 +45,7 @@ from zoo.data.decode import ImageDecodeError, _to_rgb, decode_image
 from zoo.data.transforms import build_ops, resize_center_crop
 from zoo.models.catalog import PretrainedConfig, create_model, model_entry
 from zoo.models.pretrained import load_pretrained
+from zoo.training.checkpoint import latest_checkpoint
 
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 TASKS = ("multiclass", "binary", "multilabel")
@@ -360,14 +361,6 @@ def _check_tta(tta: str | None) -> None:
 
 def _preview(names: Sequence[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
-
-
-def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path | None:
-    """`<workdir>/checkpoints/<largest step>/state`, or None (as zoo.training.loop's, without
-    importing the training stack)."""
-    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
-    steps = [s for s in steps if (workdir / "checkpoints" / str(s) / "state").is_dir()]
-    return workdir / "checkpoints" / str(max(steps)) / "state" if steps else None
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

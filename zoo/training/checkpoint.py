@@ -18,6 +18,14 @@ import orbax.checkpoint as ocp
 from zoo.training.state import TrainState
 
 
+def latest_checkpoint(workdir: str | pathlib.Path) -> pathlib.Path | None:
+    """`<workdir>/checkpoints/<largest step>/state`, or None when there is no complete one."""
+    checkpoints = pathlib.Path(workdir) / "checkpoints"
+    steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+    steps = [s for s in steps if (checkpoints / str(s) / "state").is_dir()]
+    return checkpoints / str(max(steps)) / "state" if steps else None
+
+
 class Checkpointer:
     """Saves and restores {state, data, config} under `<workdir>/checkpoints/<step>`."""
 

@@ -25,7 +25,7 @@ from zoo.methods.supervised import supervised
 from zoo.models import create_model, model_entry
 from zoo.models.pretrained import load_pretrained, load_state_dict
 from zoo.training import metrics as metrics_lib
-from zoo.training.checkpoint import Checkpointer
+from zoo.training.checkpoint import Checkpointer, latest_checkpoint
 from zoo.training.evaluate import evaluate
 from zoo.training.optim import build_optimizer
 from zoo.training.state import TrainState
@@ -70,12 +70,6 @@ def format_metrics(results: dict[str, Any]) -> str:
     """'accuracy 0.9120, f1 0.8800, ...': the scalar eval metrics of any task, for the log."""
     skip = ("confusion", "count")
     return ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in skip)
-
-
-def latest_checkpoint(workdir: pathlib.Path) -> pathlib.Path | None:
-    """`<workdir>/checkpoints/<largest step>/state`, or None when there is no checkpoint."""
-    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
-    return workdir / "checkpoints" / str(max(steps)) / "state" if steps else None
 
 
 def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, list[str]]:
