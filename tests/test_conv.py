@@ -25,9 +25,11 @@ CASES = [  # (in, out, kernel, stride, padding, groups, size): each of conv2d's 
 ]
 
 
-@pytest.fixture(autouse=True)
-def every_path_at_small_sizes(monkeypatch):
-    """The matmul weight gradient is kept for wide layers; test it on these small ones."""
+@pytest.fixture(autouse=True, params=[False, True], ids=["native", "ynn-conv"])
+def every_path_at_small_sizes(monkeypatch, request):
+    """Both routings: XLA's own convolutions (zoo's XLA:CPU flags) and jaxlib's default, where
+    they are YNNPACK's (matmul weight gradient, kept for wide layers: here on small ones)."""
+    monkeypatch.setattr(conv.backend, "ynn_convolutions", lambda: request.param)
     monkeypatch.setattr(conv, "MIN_CHANNELS_FOR_MATMUL_WEIGHT_GRAD", 1)
 
 

@@ -1,24 +1,23 @@
 """`Conv`: a drop-in for `flax.linen.Conv` that trains several times faster on CPU.
 
-XLA's CPU convolutions are slow where it matters for training (measured on a 2-core Zen3,
-float32, see benchmarks/throughput.py): the weight gradient of a k x k convolution, every
-1x1 convolution, and depthwise convolutions (~1% of matmul peak). On CPU this module
-therefore computes the same function another way, chosen by shape:
+On CPU (measured on a 2-core Zen3, float32; benchmarks/throughput.py) this module computes
+the same function by the fastest route for the shape:
 
 * 1x1 (any stride) and non-overlapping patches (stride = kernel, VALID: ViT/Swin patch
-  embedding, ConvNeXt stem/downsampling): a reshape and one matmul.
+  embedding, ConvNeXt stem/downsampling): a reshape and one matmul (16x16 patch embedding,
+  fwd+bwd: 50 vs 533 ms for XLA's convolution).
 * depthwise (groups = input channels = output channels): a sum of k*k shifted
-  multiply-adds (elementwise, fuses well). At stride 1 (ConvNeXt) with a custom VJP: the
-  input gradient is the same sum over the output gradient with the kernel flipped, the
-  kernel gradient a loop over kernel rows; JAX's own derivative (k*k pads summed, k*k
-  reductions) compiled slowly and ran slower (7x7, 16x56x56x96, fwd+bwd: 2.5 vs 4.9 s;
-  compile of a convnext_atto gradient: 160 vs 354 s; convnext_tiny train step at batch 16:
-  0.47 vs 0.26 img/s (timm 0.36), compile 132 vs 182 s; heavily loaded 2-core Zen3,
-  interleaved).
-* other k x k convolutions with >= 64 input channels or >= 5x5 kernels: XLA's convolution
-  forward and input gradient, with a custom VJP that computes the weight gradient as im2col
-  patches (shifted slices) @ output gradient (narrower ones: XLA's convolution).
-* anything else (grouped non-depthwise, dilation): XLA's convolution.
+  multiply-adds (elementwise, fuses well; 7x7 16x56x56x96 forward 26 vs 679 ms for XLA's
+  grouped convolution). At stride 1 (ConvNeXt) with a custom VJP: the input gradient is the
+  same sum over the output gradient with the kernel flipped, the kernel gradient a loop over
+  kernel rows; JAX's own derivative (k*k pads summed, k*k reductions) compiled slowly and ran
+  slower (fwd+bwd 2.5 vs 4.9 s).
+* everything else: XLA's convolution, provided XLA:CPU runs it itself. jaxlib's default
+  hands convolutions to YNNPACK, whose gradients are slow (3x3, 16x56x56x64: fwd+bwd 499 vs
+  121 ms); `zoo.backend` turns that off at import. Where it is still on (`ZOO_XLA_DEFAULTS=0`,
+  or the user's own XLA_FLAGS), k x k convolutions with >= 64 input channels or >= 5x5
+  kernels use XLA's forward and input gradient with a custom VJP computing the weight
+  gradient as im2col patches (shifted slices) @ output gradient.
 
 On GPU/TPU (any backend other than "cpu") it is XLA's native convolution, exactly
 `nn.Conv`. Parameters are `kernel` [kh, kw, in / groups, out] (HWIO) and `bias` [out], as in
@@ -39,12 +38,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from zoo import backend
+
 IMPLEMENTATION = "auto"  # "auto": by backend and shape; "xla": always lax.conv_general_dilated
-# The im2col weight gradient pays for wide convolutions and large kernels (the 7x7 ResNet
+# With YNNPACK's convolutions (jaxlib's default XLA:CPU flags, module doc): the im2col weight
+# gradient pays for wide convolutions and large kernels (the 7x7 ResNet
 # stem: 248 vs 561 ms at batch 8, 224px). In a whole narrow network it did not: resnet8 at
 # 28x28, batch 32 (16-64 channels) trained at 514 img/s with it on every 3x3 conv against
 # 785 img/s with XLA's convolution, and at 773 with it only where in_channels >= 64
-# (idle 2-core Zen3, interleaved).
+# (idle 2-core Zen3, interleaved). Without them XLA's own convolution is faster throughout.
 MIN_CHANNELS_FOR_MATMUL_WEIGHT_GRAD = 64
 MIN_TAPS_FOR_MATMUL_WEIGHT_GRAD = 25  # 5x5 and larger kernels
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -184,6 +186,8 @@ def conv2d(
         return patchify_conv(x, kernel)
     if groups == x.shape[-1] == cout and cin == 1:
         return depthwise_conv(x, kernel, strides, pads)
+    if not backend.ynn_convolutions():
+        return xla_conv(x, kernel, strides, pads, groups)
     wide = cin >= MIN_CHANNELS_FOR_MATMUL_WEIGHT_GRAD
     large_kernel = kh * kw >= MIN_TAPS_FOR_MATMUL_WEIGHT_GRAD
     if groups == 1 and (wide or large_kernel):

@@ -1,0 +1,75 @@
+"""zoo.backend: the XLA:CPU flags zoo appends at import, in fresh processes (XLA reads its
+flags once, when the backend starts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from zoo import backend
+
+PROBE = """
+import json, os, warnings
+warnings.simplefilter("always")
+{before}
+with warnings.catch_warnings(record=True) as caught:
+    import zoo
+import jax
+from zoo import backend
+print("RESULT " + json.dumps({{
+    "flags": os.environ.get("XLA_FLAGS", ""),
+    "devices": jax.device_count(),
+    "ynn_convolutions": backend.ynn_convolutions(),
+    "warned": any("imported after JAX started" in str(w.message) for w in caught),
+}}))
+"""
+
+
+def probe(before: str = "", **env) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", backend.OPT_OUT)}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(before=before)],
+        env={**clean, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_appends_to_the_users_flags():
+    out = probe(XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    ynn = f"{backend.YNN_FLAG}={backend.CPU_YNN_FUSION_TYPES}"
+    assert out["flags"] == f"--xla_force_host_platform_device_count=3 {ynn}"
+    assert out["devices"] == 3  # the user's flag still applies
+    assert out["ynn_convolutions"] is False and not out["warned"]
+
+
+def test_the_users_own_setting_and_the_opt_out_are_kept():
+    own = f"{backend.YNN_FLAG}=individual_dot,individual_convolution"
+    out = probe(XLA_FLAGS=own)
+    assert out["flags"] == own and out["ynn_convolutions"] is True
+    out = probe(**{backend.OPT_OUT: "0"})
+    assert out["flags"] == "" and out["ynn_convolutions"] is True  # jaxlib's default
+
+
+def test_late_import_warns_and_changes_nothing():
+    out = probe(before="import jax; jax.devices()")
+    assert out["warned"] and out["flags"] == ""
+
+
+@pytest.mark.parametrize(
+    "flags, types",
+    [
+        ("", {"individual_dot", "individual_convolution", "reduce"}),
+        (f"--a=1 {backend.YNN_FLAG}=individual_dot", {"individual_dot"}),
+        (f"{backend.YNN_FLAG}=dot {backend.YNN_FLAG}=", set()),  # the last one wins
+    ],
+)
+def test_fusion_types_parsed(monkeypatch, flags, types):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert backend.ynn_fusion_types() == types

@@ -1,0 +1,79 @@
+"""XLA:CPU settings that zoo applies when it is imported, before JAX starts its CPU backend.
+
+jaxlib 0.10 hands three kinds of CPU work to the YNNPACK library by default: single matmuls,
+reductions and single convolutions (`--xla_cpu_experimental_ynn_fusion_type=
+individual_dot,individual_convolution,reduce`). YNNPACK's convolutions are slow, above all
+their gradients (3x3, 64 channels, 16x56x56: forward 62 vs 36 ms, forward + both gradients
+499 vs 121 ms with XLA's own convolution; 2-core Zen3, float32). zoo therefore sets
+
+    --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce
+
+appended to the user's XLA_FLAGS (nothing of theirs is replaced; a user who sets this flag
+themselves keeps their value). Whole models (benchmarks/throughput.py, README "Speed"):
+resnet20 training 68 -> 179 img/s, inference 654 -> 942; efficientnet_b0 6.05 -> 6.78 and
+47.5 -> 51.5. Dropping "reduce" as well (only "individual_dot") made efficientnet_b0 3x
+slower: XLA then stopped fusing the shifted slices of the depthwise convolutions. The flag
+only concerns the CPU backend; GPU/TPU runs are unaffected.
+
+Opt out with `ZOO_XLA_DEFAULTS=0` in the environment. XLA reads its flags once, when the
+first JAX computation starts the backend: if that already happened before `import zoo`
+(a notebook that ran JAX first), zoo warns and leaves the flags as they are.
+`zoo.models.conv` reads the setting in effect (`ynn_convolutions()`) to pick its routes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+CPU_YNN_FUSION_TYPES = "individual_dot,reduce"
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+JAXLIB_DEFAULT = "individual_dot,individual_convolution,reduce"  # jaxlib 0.10 without the flag
+OPT_OUT = "ZOO_XLA_DEFAULTS"
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a jax without this private helper: assume not
+        return False
+
+
+def apply_cpu_flags() -> str:
+    """Append zoo's XLA:CPU flags to XLA_FLAGS; returns what was appended ("" if nothing)."""
+    if os.environ.get(OPT_OUT, "1") == "0":
+        return ""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if YNN_FLAG + "=" in flags:
+        return ""
+    if _backend_started():
+        warnings.warn(
+            "zoo was imported after JAX started its backend, so zoo's XLA:CPU flag "
+            f"{YNN_FLAG}={CPU_YNN_FUSION_TYPES} (faster convolution training on CPU) is not "
+            "in effect. Import zoo before running any JAX computation, or add the flag to "
+            f"XLA_FLAGS yourself (silence this with {OPT_OUT}=0).",
+            stacklevel=3,
+        )
+        return ""
+    added = f"{YNN_FLAG}={CPU_YNN_FUSION_TYPES}"
+    os.environ["XLA_FLAGS"] = f"{flags} {added}".strip()
+    return added
+
+
+def ynn_fusion_types() -> frozenset[str]:
+    """The YNNPACK fusion types XLA:CPU uses in this process, read from XLA_FLAGS (the last
+    setting wins; jaxlib's default when unset)."""
+    value = None
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith(YNN_FLAG + "="):
+            value = flag.split("=", 1)[1]
+    if value is None:
+        return frozenset(JAXLIB_DEFAULT.split(","))
+    return frozenset(t for t in value.split(",") if t)
+
+
+def ynn_convolutions() -> bool:
+    """Whether XLA:CPU runs convolutions with YNNPACK (slow gradients; see the module doc)."""
+    return "individual_convolution" in ynn_fusion_types()
