@@ -329,7 +329,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"{meta['device_kind']}, {meta['precision']}, peak {meta['peak_source']}; "
         f"median img/s (min-max) over {meta['steps']} timed steps; load average "
-        f"{meta['load_average'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end",
+        f"{meta['load_average'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end; "
+        f"XLA_FLAGS={meta.get('xla_flags', '')!r}",
         "",
         f"| model | mode | batch | zoo img/s | timm img/s | zoo/timm | zoo compile s "
         f"| GFLOP/img | zoo GFLOP/s ({util}) | timm GFLOP/s ({util}) |",
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "timm_memory_format": "channels_last" if args.channels_last else "NCHW",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # incl. zoo's (zoo/backend.py)
     }
     rows = []
     for name in args.models:
