@@ -5,13 +5,14 @@ the same function by the fastest route for the shape:
 
 * 1x1 (any stride) and non-overlapping patches (stride = kernel, VALID: ViT/Swin patch
   embedding, ConvNeXt stem/downsampling): a reshape and one matmul (16x16 patch embedding,
-  fwd+bwd: 50 vs 533 ms for XLA's convolution).
+  16x224x224x3 -> 384, fwd+bwd: 67 vs 515 ms for XLA's convolution).
 * depthwise (groups = input channels = output channels): a sum of k*k shifted
-  multiply-adds (elementwise, fuses well; 7x7 16x56x56x96 forward 26 vs 679 ms for XLA's
-  grouped convolution). At stride 1 (ConvNeXt) with a custom VJP: the input gradient is the
-  same sum over the output gradient with the kernel flipped, the kernel gradient a loop over
-  kernel rows; JAX's own derivative (k*k pads summed, k*k reductions) compiled slowly and ran
-  slower (fwd+bwd 2.5 vs 4.9 s).
+  multiply-adds (elementwise, fuses well; 7x7 16x56x56x96: forward 26 vs 632 ms, fwd+bwd
+  0.28 vs 1.69 s for XLA's grouped convolution). At stride 1 (ConvNeXt) with a custom VJP:
+  the input gradient is the same sum over the output gradient with the kernel flipped, the
+  kernel gradient a loop over kernel rows; JAX's own derivative (k*k pads summed, k*k
+  reductions) compiled slowly and ran slower (fwd+bwd 2.5 vs 4.9 s, measured under jaxlib's
+  default flags on a loaded machine).
 * everything else: XLA's convolution, provided XLA:CPU runs it itself. jaxlib's default
   hands convolutions to YNNPACK, whose gradients are slow (3x3, 16x56x56x64: fwd+bwd 499 vs
   121 ms); `zoo.backend` turns that off at import. Where it is still on (`ZOO_XLA_DEFAULTS=0`,
@@ -41,12 +42,12 @@ from jax import lax
 from zoo import backend
 
 IMPLEMENTATION = "auto"  # "auto": by backend and shape; "xla": always lax.conv_general_dilated
-# With YNNPACK's convolutions (jaxlib's default XLA:CPU flags, module doc): the im2col weight
-# gradient pays for wide convolutions and large kernels (the 7x7 ResNet
-# stem: 248 vs 561 ms at batch 8, 224px). In a whole narrow network it did not: resnet8 at
-# 28x28, batch 32 (16-64 channels) trained at 514 img/s with it on every 3x3 conv against
-# 785 img/s with XLA's convolution, and at 773 with it only where in_channels >= 64
-# (idle 2-core Zen3, interleaved). Without them XLA's own convolution is faster throughout.
+# With YNNPACK's convolutions (jaxlib's default XLA:CPU flags, module doc) the im2col weight
+# gradient pays for wide convolutions and large kernels (the 7x7 ResNet stem: 248 vs 561 ms
+# at batch 8, 224px). In a whole narrow network it did not: resnet8 at 28x28, batch 32
+# (16-64 channels) trained at 514 img/s with it on every 3x3 conv against 785 img/s with
+# XLA's convolution, and at 773 with it only where in_channels >= 64 (idle 2-core Zen3,
+# interleaved). Without them XLA's own convolution is faster throughout.
 MIN_CHANNELS_FOR_MATMUL_WEIGHT_GRAD = 64
 MIN_TAPS_FOR_MATMUL_WEIGHT_GRAD = 25  # 5x5 and larger kernels
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
