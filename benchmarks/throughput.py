@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from zoo import backend
 from zoo.methods.supervised import supervised
 from zoo.models import create_model
 from zoo.training import step as step_lib
@@ -156,7 +157,10 @@ def zoo_runner(case: Case, mode: str, batch: int, dtype, num_classes: int = 1000
     variables = jax.jit(
         lambda r: model.init(r, jnp.zeros((1, case.size, case.size, 3)), train=False)
     )(rng)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    forward = jax.jit(  # compiled as zoo's evaluation step and Classifier compile a forward
+        lambda v, x: model.apply(v, x, train=False),
+        compiler_options=backend.forward_compiler_options(),
+    )
     if mode == "infer":
         start = time.perf_counter()
         compiled = forward.lower(variables, data["image"]).compile()
@@ -330,7 +334,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['device_kind']}, {meta['precision']}, peak {meta['peak_source']}; "
         f"median img/s (min-max) over {meta['steps']} timed steps; load average "
         f"{meta['load_average'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end; "
-        f"XLA_FLAGS={meta.get('xla_flags', '')!r}",
+        f"XLA_FLAGS={meta.get('xla_flags', '')!r}; inference compiled with "
+        f"{meta.get('forward_compiler_options', {})}",
         "",
         f"| model | mode | batch | zoo img/s | timm img/s | zoo/timm | zoo compile s "
         f"| GFLOP/img | zoo GFLOP/s ({util}) | timm GFLOP/s ({util}) |",
@@ -404,6 +409,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "load_average": os.getloadavg(),
         "timm_memory_format": "channels_last" if args.channels_last else "NCHW",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # incl. zoo's (zoo/backend.py)
+        "forward_compiler_options": backend.forward_compiler_options(),
     }
     rows = []
     for name in args.models:

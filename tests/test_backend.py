@@ -73,3 +73,54 @@ def test_late_import_warns_and_changes_nothing():
 def test_fusion_types_parsed(monkeypatch, flags, types):
     monkeypatch.setenv("XLA_FLAGS", flags)
     assert backend.ynn_fusion_types() == types
+
+
+FORWARD_PROBE = """
+import json, re
+import zoo, jax, jax.numpy as jnp
+from zoo import backend
+
+def layer_norm_dense(x, w):  # a reduction (LayerNorm) feeding a matmul
+    x = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6)
+    return x @ w
+
+def reductions_in_ynnpack(options):
+    args = jnp.ones((256, 64)), jnp.ones((64, 128))
+    hlo = jax.jit(layer_norm_dense, compiler_options=options).lower(*args).compile().as_text()
+    bodies = dict(re.findall(r"(?ms)^%?([\\w.-]+) [^\\n]*\\{\\n(.*?)^\\}", hlo))
+    called = re.findall(r"ynn_fusion[\\w.]* = .*?calls=%?([\\w.-]+)", hlo)
+    return sum(" reduce(" in bodies.get(name, "") for name in called)
+
+options = backend.forward_compiler_options()
+print("RESULT " + json.dumps({
+    "options": options,
+    "default": reductions_in_ynnpack({}),
+    "forward": reductions_in_ynnpack(options),
+}))
+"""
+
+
+def forward_probe(**env) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", backend.OPT_OUT)}
+    result = subprocess.run(
+        [sys.executable, "-c", FORWARD_PROBE],
+        env={**clean, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def test_forward_programs_keep_reductions_out_of_ynnpack():
+    # zoo's flag: training programs hand reductions (here the LayerNorm's) to YNNPACK, zoo's
+    # forward-only programs (compiled with forward_compiler_options) leave them to XLA.
+    out = forward_probe()
+    assert out["options"] == {backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE}
+    assert out["default"] >= 1 and out["forward"] == 0
+    # the opt-out and a user's own flag: no per-program options, the process setting rules
+    assert forward_probe(**{backend.OPT_OUT: "0"})["options"] == {}
+    own = forward_probe(XLA_FLAGS=f"{backend.YNN_FLAG}=individual_dot,individual_convolution")
+    assert own["options"] == {}

@@ -11,9 +11,18 @@ their gradients (3x3, 64 channels, 16x56x56: forward 62 vs 36 ms, forward + both
 appended to the user's XLA_FLAGS (nothing of theirs is replaced; a user who sets this flag
 themselves keeps their value). Whole models (benchmarks/throughput.py, README "Speed"):
 resnet20 training 68 -> 179 img/s, inference 654 -> 942; efficientnet_b0 6.05 -> 6.78 and
-47.5 -> 51.5. Dropping "reduce" as well (only "individual_dot") made efficientnet_b0 3x
-slower: XLA then stopped fusing the shifted slices of the depthwise convolutions. The flag
-only concerns the CPU backend; GPU/TPU runs are unaffected.
+47.5 -> 51.5. YNNPACK's "reduce" fusions matter for training: without them (only
+"individual_dot") efficientnet_b0 trains at 2.8 instead of 5.8 img/s and convnext_tiny at
+1.0 instead of 2.3 (the kernel-gradient reductions of the depthwise convolutions, the
+LayerNorm gradients).
+
+Forward-only programs want the opposite: a "reduce" fusion takes the LayerNorm in front of
+a matmul, and the depthwise convolution before it, into one YNNPACK call that runs slower
+than XLA's own loops (convnext_tiny inference 5.5 -> 9.6 img/s without it, swin_tiny 8.2
+-> 9.2, vit_small 9.6 -> 10.0, efficientnet_b0 equal). zoo's evaluation step, `Classifier`
+and the benchmark's inference therefore compile with `forward_compiler_options()`
+(only "individual_dot", for that one program). The flags only concern the CPU backend;
+GPU/TPU runs are unaffected.
 
 Opt out with `ZOO_XLA_DEFAULTS=0` in the environment. XLA reads its flags once, when the
 first JAX computation starts the backend: if that already happened before `import zoo`
@@ -27,6 +36,9 @@ import os
 import warnings
 
 CPU_YNN_FUSION_TYPES = "individual_dot,reduce"
+# The same option for one compilation (jax.jit(compiler_options=...)) takes the enum's name.
+FORWARD_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 JAXLIB_DEFAULT = "individual_dot,individual_convolution,reduce"  # jaxlib 0.10 without the flag
 OPT_OUT = "ZOO_XLA_DEFAULTS"
@@ -77,3 +89,15 @@ def ynn_fusion_types() -> frozenset[str]:
 def ynn_convolutions() -> bool:
     """Whether XLA:CPU runs convolutions with YNNPACK (slow gradients; see the module doc)."""
     return "individual_convolution" in ynn_fusion_types()
+
+
+def forward_compiler_options() -> dict[str, str]:
+    """`compiler_options` for a forward-only `jax.jit` (evaluation, inference): YNNPACK for
+    single matmuls only (module doc). Empty, i.e. the process-wide setting, when zoo's flag
+    is not the one in effect (`ZOO_XLA_DEFAULTS=0`, or the user's own value of the flag) or
+    the default backend is not the CPU. Starts JAX's backend: call it when compiling."""
+    if ynn_fusion_types() != frozenset(CPU_YNN_FUSION_TYPES.split(",")):
+        return {}
+    import jax
+
+    return {YNN_OPTION: FORWARD_YNN_FUSION_TYPE} if jax.default_backend() == "cpu" else {}

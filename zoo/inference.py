@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from zoo import backend
 from zoo.data.class_names import load_class_names
 from zoo.data.decode import ImageDecodeError, _to_rgb, decode_image
 from zoo.data.transforms import build_ops, resize_center_crop
@@ -189,10 +190,8 @@ def decide(
     return [[class_names[i] for i in np.flatnonzero(p >= threshold)] for p in probabilities]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "task"))
-def _probabilities(variables: Any, images: jax.Array, *, model: Any, task: str) -> jax.Array:
-    """[B, H, W, C] -> [B, num_classes] probabilities. Module-level and keyed by the (hashable)
-    module, so classifiers of one architecture, e.g. an ensemble's, share one compilation."""
+def _probabilities_fn(variables: Any, images: jax.Array, *, model: Any, task: str):
+    """[B, H, W, C] -> [B, num_classes] probabilities."""
     logits = model.apply(variables, images, train=False).astype(jnp.float32)
     if task == "multiclass":
         return jax.nn.softmax(logits, axis=-1)
@@ -200,6 +199,18 @@ def _probabilities(variables: Any, images: jax.Array, *, model: Any, task: str) 
         positive = jax.nn.sigmoid(logits[:, 0])
         return jnp.stack([1.0 - positive, positive], axis=-1)
     return jax.nn.sigmoid(logits)
+
+
+@functools.cache
+def _probabilities_jit():
+    """The jitted `_probabilities_fn`, one per process and keyed by the (hashable) module, so
+    classifiers of one architecture, e.g. an ensemble's, share one compilation. Built on first
+    use: its XLA:CPU options (`backend.forward_compiler_options`) start JAX's backend."""
+    return jax.jit(
+        _probabilities_fn,
+        static_argnames=("model", "task"),
+        compiler_options=backend.forward_compiler_options(),
+    )
 
 
 class Classifier:
@@ -281,7 +292,7 @@ class Classifier:
             padded = np.concatenate(
                 [part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)]
             )
-            probs = _probabilities(
+            probs = _probabilities_jit()(
                 self.variables, jnp.asarray(padded), model=self.model, task=self.task
             )
             out.append(np.asarray(probs)[: len(part)])

@@ -18,6 +18,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from zoo import backend
 from zoo.training.state import TrainState
 
 DATA_AXIS = "data"
@@ -100,6 +101,7 @@ def compile_eval_step(mesh: Mesh, **statics):
         functools.partial(eval_step, **statics),
         in_shardings=(replicated, data),
         out_shardings=replicated,
+        compiler_options=backend.forward_compiler_options(),  # XLA:CPU fusions for a forward
     )
 
 
