@@ -42,6 +42,7 @@ from zoo.models.layers import (
     LayerScale,
     Mlp,
     PatchEmbed,
+    block_input,
     dense_init,
     layer_norm,
 )
@@ -85,6 +86,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = block_input(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(layer_norm, 1e-6, **kw)
         scale = (

@@ -1,0 +1,46 @@
+"""zoo.models.layers.block_input: an identity whose cotangent XLA:CPU computes once."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo.models import layers
+
+
+def residual_chain(x):
+    # Blocks of x + f(layer_norm-like(x)): the gradient chain block_input cuts into pieces.
+    for scale in (0.5, 2.0, 3.0):
+        x = layers.block_input(x)
+        centred = x - x.mean(-1, keepdims=True)
+        x = x + scale * jnp.tanh(centred / jnp.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6))
+    return jnp.sum(x * jnp.arange(x.shape[-1]))
+
+
+def plain_chain(x):
+    for scale in (0.5, 2.0, 3.0):
+        centred = x - x.mean(-1, keepdims=True)
+        x = x + scale * jnp.tanh(centred / jnp.sqrt((centred**2).mean(-1, keepdims=True) + 1e-6))
+    return jnp.sum(x * jnp.arange(x.shape[-1]))
+
+
+def test_values_and_gradients_are_the_identitys():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 7, 16))
+    np.testing.assert_array_equal(layers.block_input(x), x)
+    # equal to float32 round-off (XLA fuses, and so rounds, the two programs differently)
+    ours, plain = jax.jit(jax.grad(residual_chain))(x), jax.jit(jax.grad(plain_chain))(x)
+    np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6 * float(jnp.abs(plain).max()))
+    # a NaN in the cotangent passes through (the conditional's predicate is False then)
+    nan_grad = jax.grad(lambda x: jnp.sum(layers.block_input(x) * jnp.nan))(x)
+    assert np.isnan(np.asarray(nan_grad)).all()
+
+
+def test_cpu_gradient_goes_through_one_conditional_per_block(monkeypatch):
+    x = jnp.ones((4, 7, 16))
+
+    def conditionals() -> int:
+        return jax.jit(jax.grad(residual_chain)).lower(x).compile().as_text().count(" conditional(")
+
+    assert jax.default_backend() == "cpu"
+    assert conditionals() == 3  # kept by XLA:CPU's optimisations, one per block
+    monkeypatch.setattr(layers, "MATERIALIZE_BLOCK_GRADIENTS", False)
+    assert conditionals() == 0
