@@ -30,7 +30,7 @@ import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import DropPath, LayerScale, Mlp, block_input, global_avg_pool
+from zoo.models.layers import DropPath, LayerScale, Mlp, global_avg_pool
 from zoo.models.pretrained import torch_to_flax
 
 # timm initialises every conv and linear weight with trunc_normal(std=0.02), biases with 0.
@@ -51,7 +51,6 @@ class ConvNeXtBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = block_input(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         k, pad = self.kernel_size, self.kernel_size // 2
         y = Conv(

@@ -34,15 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
-from zoo.models.layers import (
-    Attention,
-    DropPath,
-    Mlp,
-    PatchEmbed,
-    block_input,
-    dense_init,
-    layer_norm,
-)
+from zoo.models.layers import Attention, DropPath, Mlp, PatchEmbed, dense_init, layer_norm
 
 
 def window_partition(x: jax.Array, window: tuple[int, int]) -> jax.Array:
@@ -91,7 +83,6 @@ class SwinBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = block_input(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, height, width, channels = x.shape
         window, shift = self.window, self.shift
