@@ -23,9 +23,9 @@ def _identity_forward(x):
 
 
 def _cotangent_through_cond(_, grad):
-    # Any op that is not elementwise would do; XLA:CPU keeps a conditional whose predicate
-    # is only known at run time, and its result is one buffer. Both branches are identity
-    # (the predicate is False only for a NaN, whose NaN passes through unchanged).
+    # XLA:CPU keeps a conditional whose predicate is only known at run time, and its result
+    # is one buffer. Both branches are the identity (the predicate is False only for a NaN,
+    # which then passes through unchanged).
     first = grad.reshape(-1)[0]
     return (jax.lax.cond(first == first, lambda g: g, lambda g: g + 0, grad),)
 
@@ -51,8 +51,8 @@ def block_input(x: jax.Array) -> jax.Array:
     swin_tiny 2.64 vs 2.14 img/s, convnext_tiny 2.08 vs 1.94; interleaved with timm:
     swin_tiny 1.37 vs 1.68), and ResNet/EfficientNet gained nothing (resnet50 2.58 vs 2.58,
     efficientnet_b0 6.25 vs 6.66). Values and gradients equal the identity's to float32
-    round-off (XLA rounds the two programs differently); on other backends (no
-    such recomputation there, and a conditional costs a host round trip on GPU) a no-op.
+    round-off (XLA rounds the two programs differently). On other backends (no such
+    recomputation there, and a conditional costs a host round trip on GPU) it is a no-op.
     """
     if not MATERIALIZE_BLOCK_GRADIENTS or jax.default_backend() != "cpu":
         return x
