@@ -27,10 +27,12 @@ print("RESULT " + json.dumps({{
 """
 
 
-def probe(before: str = "", **env) -> dict:
+def run_script(script: str, **env) -> dict:
+    """Run `script` in a fresh process without the caller's XLA_FLAGS/opt-out (plus `env`);
+    returns the JSON it prints after "RESULT "."""
     clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", backend.OPT_OUT)}
     result = subprocess.run(
-        [sys.executable, "-c", PROBE.format(before=before)],
+        [sys.executable, "-c", script],
         env={**clean, "JAX_PLATFORMS": "cpu", **env},
         capture_output=True,
         text=True,
@@ -39,6 +41,10 @@ def probe(before: str = "", **env) -> dict:
     )
     line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
+
+
+def probe(before: str = "", **env) -> dict:
+    return run_script(PROBE.format(before=before), **env)
 
 
 def test_appends_to_the_users_flags():
@@ -101,17 +107,7 @@ print("RESULT " + json.dumps({
 
 
 def forward_probe(**env) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", backend.OPT_OUT)}
-    result = subprocess.run(
-        [sys.executable, "-c", FORWARD_PROBE],
-        env={**clean, "JAX_PLATFORMS": "cpu", **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    return run_script(FORWARD_PROBE, **env)
 
 
 def test_forward_programs_keep_reductions_out_of_ynnpack():
