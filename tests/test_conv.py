@@ -78,3 +78,36 @@ def test_xla_switch_and_bf16():
     np.testing.assert_allclose(
         np.asarray(y, np.float32), np.asarray(y_xla, np.float32), rtol=0.05, atol=0.05
     )
+
+
+def depthwise_then_norm(x, kernel):
+    # ConvNeXt's pattern: a 7x7 depthwise convolution, then a reduction over channels
+    y = conv.conv2d(x, kernel, (1, 1), ((3, 3), (3, 3)), groups=x.shape[-1])
+    return jnp.sum((y - y.mean(-1, keepdims=True)) ** 2)
+
+
+def test_depthwise_output_is_one_buffer_when_ynn_reduces(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 8))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (7, 7, 1, 8))
+
+    def grad(x, kernel):  # traced afresh: the switches are read when tracing
+        return jax.jit(jax.grad(depthwise_then_norm, argnums=(0, 1)))(x, kernel)
+
+    def conditionals() -> int:
+        traced = jax.jit(jax.grad(depthwise_then_norm, argnums=(0, 1))).lower(x, kernel)
+        return traced.compile().as_text().count(" conditional(")
+
+    assert jax.default_backend() == "cpu"
+    reduce_on = frozenset({"individual_dot", "reduce"})
+    monkeypatch.setattr(conv.backend, "ynn_fusion_types", lambda: reduce_on)
+    assert conditionals() == 1  # kept by XLA:CPU's optimisations; the gradient is plain
+    with_buffer = grad(x, kernel)
+    # a NaN passes through (the conditional's predicate is False then)
+    assert np.isnan(np.asarray(depthwise_then_norm(x.at[0, 0, 0, 0].set(jnp.nan), kernel)))
+    monkeypatch.setattr(conv, "ONE_BUFFER_DEPTHWISE", False)
+    assert conditionals() == 0
+    for a, b in zip(with_buffer, grad(x, kernel), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+    monkeypatch.setattr(conv, "ONE_BUFFER_DEPTHWISE", True)
+    monkeypatch.setattr(conv.backend, "ynn_fusion_types", lambda: frozenset({"individual_dot"}))
+    assert conditionals() == 0  # no YNNPACK reductions to take the sum in: left to XLA

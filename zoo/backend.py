@@ -101,3 +101,21 @@ def forward_compiler_options() -> dict[str, str]:
     import jax
 
     return {YNN_OPTION: FORWARD_YNN_FUSION_TYPE} if jax.default_backend() == "cpu" else {}
+
+
+def one_buffer(x):
+    """`x` unchanged, computed into one buffer that XLA:CPU neither fuses into its consumers
+    nor recomputes inside them.
+
+    It is routed through a `lax.cond` whose predicate is only known at run time (XLA:CPU
+    keeps the conditional; `lax.optimization_barrier` it removes before fusion). Both
+    branches are the identity: the predicate is False only when the first element is NaN,
+    and then `x + 0` passes it through unchanged. Used where a YNNPACK fusion would otherwise
+    take a large elementwise producer in and need each of its operands as a buffer
+    (`zoo.models.conv.depthwise_conv`), and for residual-stream gradients
+    (`zoo.models.layers.block_input`).
+    """
+    from jax import lax
+
+    first = x.reshape(-1)[0]
+    return lax.cond(first == first, lambda v: v, lambda v: v + 0, x)

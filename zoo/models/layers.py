@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zoo import backend
 from zoo.models.conv import Conv
 
 
@@ -23,11 +24,7 @@ def _identity_forward(x):
 
 
 def _cotangent_through_cond(_, grad):
-    # XLA:CPU keeps a conditional whose predicate is only known at run time, and its result
-    # is one buffer. Both branches are the identity (the predicate is False only for a NaN,
-    # which then passes through unchanged).
-    first = grad.reshape(-1)[0]
-    return (jax.lax.cond(first == first, lambda g: g, lambda g: g + 0, grad),)
+    return (backend.one_buffer(grad),)
 
 
 _cotangent_computed_once.defvjp(_identity_forward, _cotangent_through_cond)
