@@ -43,11 +43,11 @@ def block_input(x: jax.Array) -> jax.Array:
     through a `lax.cond` makes it one buffer (`lax.optimization_barrier` does not: XLA:CPU
     removes it before fusion). Gradient of the loss, batch 16, 2-core Zen3: vit_small with 8
     blocks 4.9 -> 3.4 s; zoo's train step against timm's, interleaved in one process
-    (benchmarks/throughput.py --vs-timm): vit_small 0.44x -> 0.82x. Used by ViT blocks only.
-    For Swin and ConvNeXt the measurements disagree (zoo's train step alone, on vs off:
-    swin_tiny 2.64 vs 2.14 img/s, convnext_tiny 2.08 vs 1.94; interleaved with timm:
-    swin_tiny 1.37 vs 1.68), and ResNet/EfficientNet gained nothing (resnet50 2.58 vs 2.58,
-    efficientnet_b0 6.25 vs 6.66). Values and gradients equal the identity's to float32
+    (benchmarks/throughput.py --vs-timm): vit_small 0.44x -> 0.82x. Used by ViT and Swin
+    blocks: swin_tiny's train step with it and without, compiled in one process and run
+    interleaved with timm's, 2.13 vs 1.87 img/s (timm 3.58). ConvNeXt (2.17 vs 2.22 img/s),
+    ResNet and EfficientNet (resnet50 2.58 vs 2.58, efficientnet_b0 6.25 vs 6.66) gained
+    nothing, so they do without. Values and gradients equal the identity's to float32
     round-off (XLA rounds the two programs differently). On other backends (no such
     recomputation there, and a conditional costs a host round trip on GPU) it is a no-op.
     """

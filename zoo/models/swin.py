@@ -34,7 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
-from zoo.models.layers import Attention, DropPath, Mlp, PatchEmbed, dense_init, layer_norm
+from zoo.models.layers import (
+    Attention,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    block_input,
+    dense_init,
+    layer_norm,
+)
 
 
 def window_partition(x: jax.Array, window: tuple[int, int]) -> jax.Array:
@@ -84,6 +92,7 @@ class SwinBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = block_input(x)
         batch, height, width, channels = x.shape
         window, shift = self.window, self.shift
         y = layer_norm(1e-5, name="norm1", **kw)(x)
