@@ -12,7 +12,8 @@ the same function by the fastest route for the shape:
   the input gradient is the same sum over the output gradient with the kernel flipped, the
   kernel gradient a loop over kernel rows; JAX's own derivative (k*k pads summed, k*k
   reductions) compiled slowly and ran slower (fwd+bwd 2.5 vs 4.9 s, measured under jaxlib's
-  default flags on a loaded machine).
+  default flags on a loaded machine). Under YNNPACK's reduce fusions the output is made one
+  buffer (`ONE_BUFFER_DEPTHWISE`), so that a following reduction does not take the sum in.
 * everything else: XLA's convolution, provided XLA:CPU runs it itself. jaxlib's default
   hands convolutions to YNNPACK, whose gradients are slow (3x3, 16x56x56x64: fwd+bwd 499 vs
   121 ms); `zoo.backend` turns that off at import. Where it is still on (`ZOO_XLA_DEFAULTS=0`,
