@@ -8,12 +8,14 @@ the same function by the fastest route for the shape:
   16x224x224x3 -> 384, fwd+bwd: 67 vs 515 ms for XLA's convolution).
 * depthwise (groups = input channels = output channels): a sum of k*k shifted
   multiply-adds (elementwise, fuses well; 7x7 16x56x56x96: forward 26 vs 632 ms, fwd+bwd
-  0.28 vs 1.69 s for XLA's grouped convolution). At stride 1 (ConvNeXt) with a custom VJP:
-  the input gradient is the same sum over the output gradient with the kernel flipped, the
-  kernel gradient a loop over kernel rows; JAX's own derivative (k*k pads summed, k*k
-  reductions) compiled slowly and ran slower (fwd+bwd 2.5 vs 4.9 s, measured under jaxlib's
-  default flags on a loaded machine). Under YNNPACK's reduce fusions the output is made one
-  buffer (`ONE_BUFFER_DEPTHWISE`), so that a following reduction does not take the sum in.
+  0.28 vs 1.69 s for XLA's grouped convolution), with a custom VJP: the input gradient is
+  the same sum over the output gradient (dilated by the stride) with the kernel flipped, the
+  kernel gradient a loop over kernel rows. JAX's own derivative (k*k pads summed, k*k
+  reductions, every shifted slice kept as a residual) compiled slowly and ran slower
+  (ConvNeXt's 7x7 at stride 1: fwd+bwd 2.5 vs 4.9 s under jaxlib's default flags on a loaded
+  machine; EfficientNet's strided ones: efficientnet_b0 train step 6.25 -> 7.03 img/s).
+  Under YNNPACK's reduce fusions the output is made one buffer (`ONE_BUFFER_DEPTHWISE`), so
+  that a following reduction does not take the sum in.
 * everything else: XLA's convolution, provided XLA:CPU runs it itself. jaxlib's default
   hands convolutions to YNNPACK, whose gradients are slow (3x3, 16x56x56x64: fwd+bwd 499 vs
   121 ms); `zoo.backend` turns that off at import. Where it is still on (`ZOO_XLA_DEFAULTS=0`,
@@ -99,48 +101,56 @@ def shifted_depthwise(x: jax.Array, kernel: jax.Array, strides, pads: Pads) -> j
     return out
 
 
-def _depthwise_forward(x, kernel, pads):
-    return shifted_depthwise(x, kernel, (1, 1), pads), (x, kernel)
+def _depthwise_forward(x, kernel, strides, pads):
+    return shifted_depthwise(x, kernel, strides, pads), (x, kernel)
 
 
-def _depthwise_backward(pads, residuals, grad):
-    """Input gradient: the same depthwise sum over the output gradient with the kernel
-    flipped (padding kh-1-p); kernel gradient: per tap, sum over (B, H, W) of input window
-    x output gradient, row by row of the kernel in a loop (a small graph)."""
+def _depthwise_backward(strides, pads, residuals, grad):
+    """Input gradient: the same depthwise sum over the output gradient (dilated by the
+    stride) with the kernel flipped (padding kh-1-p, cropping what no window reached);
+    kernel gradient: per tap, sum over (B, H, W) of input window x output gradient, row by
+    row of the kernel in a loop (a small graph)."""
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
-    (top, bottom), (left, right) = pads
-    flipped = kernel[::-1, ::-1]
-    grad_pads = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
-    grad_x = shifted_depthwise_any_pad(grad, flipped, grad_pads)
+    (sh, sw), ((top, bottom), (left, right)) = strides, pads
+    out_h, out_w = grad.shape[1:3]
+    padded_h, padded_w = x.shape[1] + top + bottom, x.shape[2] + left + right
+    missed_h = padded_h - (out_h - 1) * sh - kh  # rows no window reached (< stride)
+    missed_w = padded_w - (out_w - 1) * sw - kw
+    grad = grad.astype(x.dtype)
+    spread = lax.pad(  # [B, H + kh - 1, W + kw - 1, C]: dilated, padded (or cropped)
+        grad,
+        jnp.zeros((), grad.dtype),
+        (
+            (0, 0, 0),
+            (kh - 1 - top, kh - 1 + missed_h - bottom, sh - 1),
+            (kw - 1 - left, kw - 1 + missed_w - right, sw - 1),
+            (0, 0, 0),
+        ),
+    )
+    grad_x = shifted_depthwise(spread, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
     padded = lax.pad(
         x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
     )
-    out_h, out_w = grad.shape[1:3]
 
-    def row(i):
-        rows = lax.dynamic_slice_in_dim(padded, i, out_h, axis=1)  # [B, Ho, W + kw - 1, C]
+    def row(i):  # [B, Ho, Wp, C]: the input rows kernel row i meets
+        rows = lax.dynamic_slice_in_dim(padded, i, (out_h - 1) * sh + 1, axis=1)[:, ::sh]
         return jnp.stack(
-            [jnp.sum(rows[:, :, j : j + out_w] * grad, axis=(0, 1, 2)) for j in range(kw)]
+            [
+                jnp.sum(rows[:, :, j : j + (out_w - 1) * sw + 1 : sw] * grad, axis=(0, 1, 2))
+                for j in range(kw)
+            ]
         )  # [kw, C]
 
     grad_kernel = lax.map(row, jnp.arange(kh))  # [kh, kw, C]
     return grad_x, grad_kernel[:, :, None, :].astype(kernel.dtype)
 
 
-def shifted_depthwise_any_pad(x, kernel, pads):
-    """`shifted_depthwise` at stride 1 where pads may be negative (crops)."""
-    x = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-    return shifted_depthwise(x, kernel, (1, 1), ((0, 0), (0, 0)))
-
-
-# Stride-1 depthwise with a hand-written VJP: JAX's own derivative of the 49 shifted slices
-# is 49 pads summed (input gradient) and 49 separate reductions (kernel gradient).
-# pads is static (a hashable tuple): nondiff_argnums.
-depthwise_stride1 = jax.custom_vjp(
-    lambda x, kernel, pads: shifted_depthwise(x, kernel, (1, 1), pads), nondiff_argnums=(2,)
-)
-depthwise_stride1.defvjp(_depthwise_forward, _depthwise_backward)
+# Depthwise with a hand-written VJP: JAX's own derivative of the k*k shifted slices keeps
+# every slice as a residual and is k*k pads summed (input gradient) and k*k separate
+# reductions (kernel gradient). strides and pads are static (hashable tuples).
+depthwise_with_vjp = jax.custom_vjp(shifted_depthwise, nondiff_argnums=(2, 3))
+depthwise_with_vjp.defvjp(_depthwise_forward, _depthwise_backward)
 DEPTHWISE_VJP = True  # False (before tracing): JAX differentiates the shifted sum itself
 
 
@@ -163,8 +173,8 @@ ONE_BUFFER_DEPTHWISE = True  # False (before tracing): leave the fusion to XLA
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, strides, pads: Pads) -> jax.Array:
     """Depthwise convolution as a sum of shifted multiply-adds; kernel [kh, kw, 1, C]."""
-    if DEPTHWISE_VJP and tuple(strides) == (1, 1):
-        out = depthwise_stride1(x, kernel, pads)
+    if DEPTHWISE_VJP:
+        out = depthwise_with_vjp(x, kernel, tuple(strides), pads)
     else:
         out = shifted_depthwise(x, kernel, strides, pads)
     if ONE_BUFFER_DEPTHWISE and "reduce" in backend.ynn_fusion_types():
