@@ -107,7 +107,8 @@ def _depthwise_forward(x, kernel, strides, pads):
 
 def _depthwise_backward(strides, pads, residuals, grad):
     """Input gradient: the same depthwise sum over the output gradient (dilated by the
-    stride) with the kernel flipped (padding kh-1-p, cropping what no window reached);
+    stride) with the kernel flipped, padded by kh-1-p (a crop where negative) and by the
+    input rows and columns no window reached;
     kernel gradient: per tap, sum over (B, H, W) of input window x output gradient, row by
     row of the kernel in a loop (a small graph)."""
     x, kernel = residuals
