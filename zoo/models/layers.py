@@ -40,9 +40,9 @@ def block_input(x: jax.Array) -> jax.Array:
     Without it XLA:CPU fuses the elementwise part of that gradient (the residual adds and the
     LayerNorm backward of every later block) into each consumer, e.g. the transposing copy
     that feeds a weight-gradient matmul, and recomputes it there. Routing the cotangent
-    through a `lax.cond` makes it one buffer (`lax.optimization_barrier` does not: XLA:CPU
-    removes it before fusion). Gradient of the loss, batch 16, 2-core Zen3: vit_small with 8
-    blocks 4.9 -> 3.4 s; zoo's train step against timm's, interleaved in one process
+    through `zoo.backend.one_buffer` (a run-time `lax.cond`) makes it one buffer. Gradient
+    of the loss, batch 16, 2-core Zen3: vit_small with 8 blocks 4.9 -> 3.4 s; zoo's train
+    step against timm's, interleaved in one process
     (benchmarks/throughput.py --vs-timm): vit_small 0.44x -> 0.82x. Used by ViT and Swin
     blocks: swin_tiny's train step with it and without, compiled in one process and run
     interleaved with timm's, 2.13 vs 1.87 img/s (timm 3.58). ConvNeXt (2.17 vs 2.22 img/s),
