@@ -1,5 +1,9 @@
-"""zoo.models.layers.block_input: an identity whose cotangent XLA:CPU computes once."""
+"""zoo.models.layers: block_input (an identity whose cotangent XLA:CPU computes once) and
+gelu_exact."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,3 +48,23 @@ def test_cpu_gradient_goes_through_one_conditional_per_block(monkeypatch):
     assert conditionals() == 3  # kept by XLA:CPU's optimisations, one per block
     monkeypatch.setattr(layers, "MATERIALIZE_BLOCK_GRADIENTS", False)
     assert conditionals() == 0
+
+
+def test_gelu_exact_matches_float64_erf_reference_and_flax():
+    x = np.concatenate([np.linspace(-12, 12, 2001), [-40.0, -5.5, 0.0, 3.25, 40.0]])
+    reference = np.array([v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
+    slope = np.array(
+        [
+            0.5 * (1 + math.erf(v / math.sqrt(2)))
+            + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+            for v in x
+        ]
+    )
+    xs = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(layers.gelu_exact(xs), reference, rtol=1e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(layers.gelu_exact))(xs)
+    np.testing.assert_allclose(grad, slope, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layers.gelu_exact(xs), nn.gelu(xs, approximate=False), rtol=1e-6, atol=1e-6
+    )
+    assert layers.gelu_exact(xs.astype(jnp.bfloat16)).dtype == jnp.bfloat16

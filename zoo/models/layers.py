@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from zoo import backend
 from zoo.models.conv import Conv
@@ -80,9 +81,19 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
 
 
+_SQRT_HALF = 0.5**0.5  # a Python float: keeps x's dtype
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
-    """GELU with the exact erf form, as torch's `nn.GELU()` (flax's default is the tanh fit)."""
-    return nn.gelu(x, approximate=False)
+    """GELU with the exact erf form, as torch's `nn.GELU()` (flax's default is the tanh fit):
+    x * (1 + erf(x / sqrt 2)) / 2, torch's own formula.
+
+    `nn.gelu(x, approximate=False)` computes the same with `erfc`, which XLA:CPU expands into
+    several fusions (an exp and range selects) and runs ~3x slower than `erf`'s polynomial:
+    convnext_tiny's train step 2.04 -> 2.40 img/s, vit_small 2.95 -> 3.10 (batch 16, 2-core
+    Zen3, both compiled in one process and run interleaved). The two differ by < 1e-6.
+    """
+    return x * 0.5 * (1.0 + lax.erf(x * _SQRT_HALF))
 
 
 class Mlp(nn.Module):
