@@ -10,10 +10,12 @@ the same function by the fastest route for the shape:
   multiply-adds (elementwise, fuses well; 7x7 16x56x56x96: forward 26 vs 632 ms, fwd+bwd
   0.28 vs 1.69 s for XLA's grouped convolution), with a custom VJP: the input gradient is
   the same sum over the output gradient (dilated by the stride) with the kernel flipped, the
-  kernel gradient a loop over kernel rows. JAX's own derivative (k*k pads summed, k*k
-  reductions, every shifted slice kept as a residual) compiled slowly and ran slower
-  (ConvNeXt's 7x7 at stride 1: fwd+bwd 2.5 vs 4.9 s under jaxlib's default flags on a loaded
-  machine; EfficientNet's strided ones: efficientnet_b0 train step 6.25 -> 7.03 img/s).
+  kernel gradient one variadic reduction over all taps (convnext_tiny's first stage: 250 ->
+  63 ms for a row loop of YNNPACK reductions; train step 2.26 -> 2.37 img/s). JAX's own
+  derivative (k*k pads summed, k*k reductions, every shifted slice kept as a residual)
+  compiled slowly and ran slower (ConvNeXt's 7x7 at stride 1: fwd+bwd 2.5 vs 4.9 s under
+  jaxlib's default flags on a loaded machine; EfficientNet's strided ones: efficientnet_b0
+  train step 6.25 -> 7.03 img/s).
   Under YNNPACK's reduce fusions the output is made one buffer (`ONE_BUFFER_DEPTHWISE`), so
   that a following reduction does not take the sum in.
 * everything else: XLA's convolution, provided XLA:CPU runs it itself. jaxlib's default
@@ -105,12 +107,21 @@ def _depthwise_forward(x, kernel, strides, pads):
     return shifted_depthwise(x, kernel, strides, pads), (x, kernel)
 
 
+def _sums(terms: list[jax.Array], axes: tuple[int, ...]) -> list[jax.Array]:
+    """`[jnp.sum(t, axes) for t in terms]` as one variadic reduction: XLA:CPU runs it in its own
+    loop, which reads the operands once for all terms and fuses elementwise producers
+    (strided slices) into it. YNNPACK takes single reductions only, and needs each term, a
+    slice among them, as a buffer."""
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    return list(lax.reduce(tuple(terms), zeros, lambda a, b: tuple(map(jnp.add, a, b)), axes))
+
+
 def _depthwise_backward(strides, pads, residuals, grad):
     """Input gradient: the same depthwise sum over the output gradient (dilated by the
     stride) with the kernel flipped, padded by kh-1-p (a crop where negative) and by the
     input rows and columns no window reached;
-    kernel gradient: per tap, sum over (B, H, W) of input window x output gradient, row by
-    row of the kernel in a loop (a small graph)."""
+    kernel gradient: per tap, the sum over (B, H, W) of input window x output gradient, all
+    taps in one variadic reduction per example (`_sums`), then summed over the batch."""
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
     (sh, sw), ((top, bottom), (left, right)) = strides, pads
@@ -130,21 +141,10 @@ def _depthwise_backward(strides, pads, residuals, grad):
         ),
     )
     grad_x = shifted_depthwise(spread, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
-    padded = lax.pad(
-        x, jnp.zeros((), x.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
-    )
-
-    def row(i):  # [B, Ho, Wp, C]: the input rows kernel row i meets
-        rows = lax.dynamic_slice_in_dim(padded, i, (out_h - 1) * sh + 1, axis=1)[:, ::sh]
-        return jnp.stack(
-            [
-                jnp.sum(rows[:, :, j : j + (out_w - 1) * sw + 1 : sw] * grad, axis=(0, 1, 2))
-                for j in range(kw)
-            ]
-        )  # [kw, C]
-
-    grad_kernel = lax.map(row, jnp.arange(kh))  # [kh, kw, C]
-    return grad_x, grad_kernel[:, :, None, :].astype(kernel.dtype)
+    taps = shifted_windows(x, (kh, kw), strides, pads)
+    per_example = jnp.stack(_sums([tap * grad for tap in taps], (1, 2)))  # [kh * kw, B, C]
+    grad_kernel = per_example.sum(1).reshape(kh, kw, 1, -1)
+    return grad_x, grad_kernel.astype(kernel.dtype)
 
 
 # Depthwise with a hand-written VJP: JAX's own derivative of the k*k shifted slices keeps
