@@ -12,6 +12,8 @@ dense bf16 peak from a datasheet table (GPU/TPU; MFU).
 With `--vs-timm` the same model runs in PyTorch/timm (random weights, same batch, resolution,
 precision and optimizer, `torch.set_num_threads(os.cpu_count())`), its timed rounds
 alternating with zoo's in the same process, so machine noise hits both; the ratio is zoo/timm.
+Each timed step follows `--pause` seconds of idle (default 1): zoo's step right after a
+PyTorch step read ~20% slower than after a pause, PyTorch's unchanged (`interleaved`).
 
     # the table of README's "Speed" section (2-core CPU, ~15 min):
     HF_HUB_OFFLINE=1 python benchmarks/throughput.py --vs-timm --out results.json
@@ -256,9 +258,14 @@ def timm_runner(
     return Runner(step, time.perf_counter() - start)
 
 
-def interleaved(runners: dict[str, Runner], warmup: int, steps: int) -> dict[str, list[float]]:
+def interleaved(
+    runners: dict[str, Runner], warmup: int, steps: int, pause: float = 0.0
+) -> dict[str, list[float]]:
     """Per-step seconds of each runner; rounds of one step alternate between the runners
-    (order reversed every round) so that slow minutes on a shared machine hit all of them."""
+    (order reversed every round) so that slow minutes on a shared machine hit all of them.
+    `pause` seconds of idle precede each timed step: right after a PyTorch step, zoo's next
+    step ran ~20% slower than after a pause (convnext_tiny train 2.07 vs 2.52 img/s, timm
+    3.52 vs 3.48; 2-core CPU), and a run of one framework alone has no such neighbour."""
     names = list(runners)
     for name in names:
         for _ in range(warmup):
@@ -266,6 +273,7 @@ def interleaved(runners: dict[str, Runner], warmup: int, steps: int) -> dict[str
     times = {name: [] for name in names}
     for round_index in range(steps):
         for name in names if round_index % 2 == 0 else names[::-1]:
+            time.sleep(pause)
             start = time.perf_counter()
             runners[name].step()
             times[name].append(time.perf_counter() - start)
@@ -300,7 +308,7 @@ def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> 
         )
     if args.device == "cpu":  # the peak, timed in the same rounds: same noise as the models
         runners["matmul"] = Runner(matmul_step(args.matmul_size), 0.0)
-    times = interleaved(runners, args.warmup, args.steps)
+    times = interleaved(runners, args.warmup, args.steps, args.pause)
     if args.device == "cpu":
         peak = 2 * args.matmul_size**3 / min(times["matmul"])
     row = {"model": case_label(case), "mode": mode, "batch": batch, "precision": args.precision}
@@ -332,7 +340,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     util = "MFU" if meta["device"] == "gpu" else "of matmul peak"
     lines = [
         f"{meta['device_kind']}, {meta['precision']}, peak {meta['peak_source']}; "
-        f"median img/s (min-max) over {meta['steps']} timed steps; load average "
+        f"median img/s (min-max) over {meta['steps']} timed steps, each after "
+        f"{meta.get('pause_s', 0):g} s idle; load average "
         f"{meta['load_average'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end; "
         f"XLA_FLAGS={meta.get('xla_flags', '')!r}; inference compiled with "
         f"{meta.get('forward_compiler_options', {})}",
@@ -378,6 +387,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per framework")
     parser.add_argument("--vs-timm", action="store_true", help="interleave PyTorch/timm")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=1.0,
+        help="idle seconds before each timed step (one framework's aftermath slows the next)",
+    )
     parser.add_argument("--channels-last", action="store_true", help="timm in channels-last")
     parser.add_argument("--matmul-size", type=int, default=4096, help="peak reference (cpu)")
     parser.add_argument("--out", default="", help="write the rows as JSON here")
@@ -405,6 +420,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "peak_gflops": peak / 1e9,
         "peak_source": source,
         "steps": args.steps,
+        "pause_s": args.pause,
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "timm_memory_format": "channels_last" if args.channels_last else "NCHW",

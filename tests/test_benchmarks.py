@@ -1,6 +1,7 @@
 """The throughput benchmark's functions on a tiny model: one timed step, fields present."""
 
 import argparse
+import time
 
 from benchmarks import throughput
 
@@ -16,6 +17,7 @@ def test_benchmark_rows_have_positive_fields():
         precision="fp32",
         warmup=0,
         steps=1,
+        pause=0.0,
         vs_timm=False,
         channels_last=False,
         matmul_size=256,
@@ -36,3 +38,14 @@ def test_benchmark_rows_have_positive_fields():
         "load_average_end": (0.0,),
     }
     assert "resnet8@16" in throughput.markdown([row], meta)
+
+
+def test_interleaved_pauses_before_each_step_outside_the_timing():
+    order = []
+    runners = {name: throughput.Runner(lambda name=name: order.append(name), 0.0) for name in "ab"}
+    start = time.perf_counter()
+    times = throughput.interleaved(runners, warmup=1, steps=3, pause=0.05)
+    elapsed = time.perf_counter() - start
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating
+    assert elapsed >= 6 * 0.05  # one pause per timed step
+    assert all(len(t) == 3 and max(t) < 0.04 for t in times.values())  # pauses not timed
