@@ -13,7 +13,9 @@ With `--vs-timm` the same model runs in PyTorch/timm (random weights, same batch
 precision and optimizer, `torch.set_num_threads(os.cpu_count())`), its timed rounds
 alternating with zoo's in the same process, so machine noise hits both; the ratio is zoo/timm.
 Each timed step follows `--pause` seconds of idle (default 1): zoo's step right after a
-PyTorch step read ~20% slower than after a pause, PyTorch's unchanged (`interleaved`).
+PyTorch step read ~20% slower than after a pause, PyTorch's unchanged (`interleaved`). Each
+row runs in a fresh process (`row_in_subprocess`; `--same-process` to keep one): rows
+measured late in one long process read zoo ~25% slower.
 
     # the table of README's "Speed" section (2-core CPU, ~15 min):
     HF_HUB_OFFLINE=1 python benchmarks/throughput.py --vs-timm --out results.json
@@ -369,6 +371,37 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def row_argv(argv: list[str], name: str, mode: str, out: str) -> list[str]:
+    """This run's options for a child that measures one row: the row selection and the output
+    file replaced by `name`, `mode` and `out`."""
+    passed, skip = [], False
+    for arg in argv:
+        if arg in ("--models", "--modes", "--out"):
+            skip = True
+        elif arg.startswith("--"):
+            skip = False
+        if not skip and not arg.startswith(("--models=", "--modes=", "--out=")):
+            passed.append(arg)
+    return [*passed, "--models", name, "--modes", mode, "--out", out]
+
+
+def row_in_subprocess(name: str, mode: str, argv: list[str] | None) -> dict:
+    """One row measured by a fresh `python throughput.py` (`row_argv`): in one long process,
+    rows measured after other models read zoo slower (convnext_tiny training 1.92 img/s as
+    the 9th row, 2.55 alone; timm 3.28 and 3.12)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        child = row_argv(sys.argv[1:] if argv is None else argv, name, mode, out)
+        command = [sys.executable, os.path.abspath(__file__), *child]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            return json.load(f)["rows"][0]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
@@ -396,6 +429,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--channels-last", action="store_true", help="timm in channels-last")
     parser.add_argument("--matmul-size", type=int, default=4096, help="peak reference (cpu)")
     parser.add_argument("--out", default="", help="write the rows as JSON here")
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="measure every row in this process (default: a fresh process per row)",
+    )
     args = parser.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device == "gpu" else "fp32")
 
@@ -430,7 +468,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in args.models:
         for mode in args.modes:
-            rows.append(bench_case(CASES[name], mode, args, peak))
+            if args.same_process or len(args.models) * len(args.modes) == 1:
+                rows.append(bench_case(CASES[name], mode, args, peak))
+            else:
+                rows.append(row_in_subprocess(name, mode, argv))
             print(json.dumps(rows[-1]), flush=True)
     meta["load_average_end"] = os.getloadavg()
     print(markdown(rows, meta))

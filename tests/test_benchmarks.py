@@ -49,3 +49,22 @@ def test_interleaved_pauses_before_each_step_outside_the_timing():
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating
     assert elapsed >= 6 * 0.05  # one pause per timed step
     assert all(len(t) == 3 and max(t) < 0.04 for t in times.values())  # pauses not timed
+
+
+def test_row_subprocess_gets_this_runs_options_and_its_own_row():
+    argv = ["--vs-timm", "--models", "resnet50", "vit_small_patch16_224", "--steps", "5"]
+    argv += ["--out=all.json", "--modes", "train", "infer", "--pause", "0.5"]
+    child = throughput.row_argv(argv, "resnet50", "infer", "row.json")
+    assert child == [
+        "--vs-timm",
+        "--steps",
+        "5",
+        "--pause",
+        "0.5",
+        "--models",
+        "resnet50",
+        "--modes",
+        "infer",
+        "--out",
+        "row.json",
+    ]
