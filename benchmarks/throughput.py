@@ -17,7 +17,7 @@ PyTorch step read ~20% slower than after a pause, PyTorch's unchanged (`interlea
 row runs in a fresh process (`row_in_subprocess`; `--same-process` to keep one): rows
 measured late in one long process read zoo ~25% slower.
 
-    # the table of README's "Speed" section (2-core CPU, ~15 min):
+    # the table of README's "Speed" section (2-core CPU, ~25 min):
     HF_HUB_OFFLINE=1 python benchmarks/throughput.py --vs-timm --out results.json
     # one model, one mode:
     python benchmarks/throughput.py --models resnet50 --modes train --vs-timm --steps 5
