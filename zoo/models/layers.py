@@ -89,9 +89,10 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     x * (1 + erf(x / sqrt 2)) / 2, torch's own formula.
 
     `nn.gelu(x, approximate=False)` computes the same with `erfc`, which XLA:CPU expands into
-    several fusions (an exp and range selects) and runs ~3x slower than `erf`'s polynomial:
-    convnext_tiny's train step 2.04 -> 2.40 img/s, vit_small 2.95 -> 3.10 (batch 16, 2-core
-    Zen3, both compiled in one process and run interleaved). The two differ by < 1e-6.
+    several fusions (an exp and range selects), slower than `erf`'s polynomial (1.1 s of
+    convnext_tiny's train step): its train step 2.04 -> 2.40 img/s, vit_small 2.95 -> 3.10
+    (batch 16, 2-core Zen3, both compiled in one process and run interleaved). The two
+    differ by < 1e-6.
     """
     return x * 0.5 * (1.0 + lax.erf(x * _SQRT_HALF))
 
