@@ -13,8 +13,9 @@ themselves keeps their value). Whole models (benchmarks/throughput.py, README "S
 resnet20 training 68 -> 179 img/s, inference 654 -> 942; efficientnet_b0 6.05 -> 6.78 and
 47.5 -> 51.5. YNNPACK's "reduce" fusions matter for training: without them (only
 "individual_dot") efficientnet_b0 trains at 2.8 instead of 5.8 img/s and convnext_tiny at
-1.0 instead of 2.3 (the kernel-gradient reductions of the depthwise convolutions, the
-LayerNorm gradients).
+1.0 instead of 2.3 (the LayerNorm and normalisation gradients; measured while the
+depthwise kernel gradients were still YNNPACK reductions, which they no longer are:
+`zoo.models.conv` makes them one variadic reduction that YNNPACK does not take).
 
 Forward-only programs want the opposite: a "reduce" fusion takes the LayerNorm in front of
 a matmul, and the depthwise convolution before it, into one YNNPACK call that runs slower
