@@ -346,7 +346,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta.get('pause_s', 0):g} s idle; load average "
         f"{meta['load_average'][0]:.1f} at start, {meta['load_average_end'][0]:.1f} at end; "
         f"XLA_FLAGS={meta.get('xla_flags', '')!r}; inference compiled with "
-        f"{meta.get('forward_compiler_options', {})}",
+        f"{meta.get('forward_compiler_options', {})}; allocator: "
+        f"{'zoo keeps freed memory' if meta.get('freed_memory_kept') else 'glibc defaults'}",
         "",
         f"| model | mode | batch | zoo img/s | timm img/s | zoo/timm | zoo compile s "
         f"| GFLOP/img | zoo GFLOP/s ({util}) | timm GFLOP/s ({util}) |",
@@ -464,6 +465,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "timm_memory_format": "channels_last" if args.channels_last else "NCHW",
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # incl. zoo's (zoo/backend.py)
         "forward_compiler_options": backend.forward_compiler_options(),
+        # glibc: zoo's one arena, no mmap, no trimming (zoo/backend.py), timm included
+        "freed_memory_kept": backend.freed_memory_kept,
     }
     rows = []
     for name in args.models:
