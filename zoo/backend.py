@@ -40,9 +40,10 @@ training at batch 16 (benchmarks/throughput.py, README "Speed") swin_tiny 1.84 -
 convnext_tiny 2.07 -> 3.11, efficientnet_b0 6.47 -> 9.33, resnet50 2.39 -> 2.73. The cost:
 the process keeps its peak heap until it exits, like a GPU allocator's cache, and all
 threads share one arena (compiling takes up to 1.35x as long: swin_tiny's train step
-24.6 -> 32.0 s). PyTorch in the same process (the benchmark's timm rows) gets the
-same allocator. An arena is tied to a thread at its first allocation, so this too has to
-happen before JAX starts its threads.
+24.6 -> 32.0 s; a small job that faults little to begin with loses time: the default
+`python train.py` 148 -> 180 s, README "Results"). PyTorch in the same process (the
+benchmark's timm rows) gets the same allocator. An arena is tied to a thread at its first
+allocation, so this too has to happen before JAX starts its threads.
 
 Opt out of both with `ZOO_XLA_DEFAULTS=0` in the environment, of the allocator settings
 alone with `ZOO_KEEP_FREED_MEMORY=0`. XLA reads its flags once, when the
@@ -88,8 +89,10 @@ def apply_cpu_flags() -> str:
             "zoo was imported after JAX started its backend, so zoo's XLA:CPU flag "
             f"{YNN_FLAG}={CPU_YNN_FUSION_TYPES} (faster convolution training on CPU) and its "
             "allocator settings (no page faults on every step's temporary buffer) are not in "
-            "effect. Import zoo before running any JAX computation, or add the flag to "
-            f"XLA_FLAGS yourself (silence this with {OPT_OUT}=0).",
+            "effect. Import zoo before running any JAX computation, or set them yourself "
+            "before Python starts (the flag in XLA_FLAGS; MALLOC_ARENA_MAX=1 "
+            "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000) or silence this with "
+            f"{OPT_OUT}=0.",
             stacklevel=3,
         )
         return ""
