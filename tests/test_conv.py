@@ -112,3 +112,32 @@ def test_depthwise_output_is_one_buffer_when_ynn_reduces(monkeypatch):
     monkeypatch.setattr(conv, "ONE_BUFFER_DEPTHWISE", True)
     monkeypatch.setattr(conv.backend, "ynn_fusion_types", lambda: frozenset({"individual_dot"}))
     assert conditionals() == 0  # no YNNPACK reductions to take the sum in: left to XLA
+
+
+def bottleneck_tail(x, kernel):
+    # ResNet's pattern: a 1x1 convolution, then BatchNorm-like normalisation and a ReLU
+    y = conv.conv2d(x, kernel)
+    y = (y - y.mean((0, 1, 2))) / jnp.sqrt(y.var((0, 1, 2)) + 1e-5)
+    return jnp.sum(jax.nn.relu(y) * jnp.arange(y.shape[-1]))
+
+
+def test_pointwise_output_gradient_is_one_buffer(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 8))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 8, 16))
+
+    def grad(x, kernel):  # traced afresh: the switch is read when tracing
+        return jax.jit(jax.grad(bottleneck_tail, argnums=(0, 1)))(x, kernel)
+
+    def conditionals() -> int:
+        traced = jax.jit(jax.grad(bottleneck_tail, argnums=(0, 1))).lower(x, kernel)
+        return traced.compile().as_text().count(" conditional(")
+
+    assert jax.default_backend() == "cpu"
+    assert conditionals() == 1  # kept by XLA:CPU's optimisations
+    forward = jax.jit(bottleneck_tail).lower(x, kernel).compile().as_text()
+    assert " conditional(" not in forward  # the forward pass is untouched
+    with_buffer = grad(x, kernel)
+    monkeypatch.setattr(conv, "ONE_BUFFER_POINTWISE_GRADIENT", False)
+    assert conditionals() == 0
+    for a, b in zip(with_buffer, grad(x, kernel), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))

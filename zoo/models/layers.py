@@ -11,25 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zoo import backend
-from zoo.models.conv import Conv
-
-
-@jax.custom_vjp
-def _cotangent_computed_once(x: jax.Array) -> jax.Array:
-    return x
-
-
-def _identity_forward(x):
-    return x, None
-
-
-def _cotangent_through_cond(_, grad):
-    return (backend.one_buffer(grad),)
-
-
-_cotangent_computed_once.defvjp(_identity_forward, _cotangent_through_cond)
-
+from zoo.models.conv import Conv, gradient_computed_once
 
 MATERIALIZE_BLOCK_GRADIENTS = True  # False (before tracing): `block_input` is a plain identity
 
@@ -48,13 +30,15 @@ def block_input(x: jax.Array) -> jax.Array:
     blocks: swin_tiny's train step with it and without, compiled in one process and run
     interleaved with timm's, 2.13 vs 1.87 img/s (timm 3.58). ConvNeXt (2.17 vs 2.22 img/s),
     ResNet and EfficientNet (resnet50 2.58 vs 2.58, efficientnet_b0 6.25 vs 6.66) gained
-    nothing, so they do without. Values and gradients equal the identity's to float32
-    round-off (XLA rounds the two programs differently). On other backends (no such
-    recomputation there, and a conditional costs a host round trip on GPU) it is a no-op.
+    nothing, so they do without (their 1x1 convolutions compute their output's gradient
+    once instead: `zoo.models.conv.pointwise_conv`). Values and gradients equal the
+    identity's to float32 round-off (XLA rounds the two programs differently). On other
+    backends (no such recomputation there, and a conditional costs a host round trip on GPU)
+    it is a no-op.
     """
     if not MATERIALIZE_BLOCK_GRADIENTS or jax.default_backend() != "cpu":
         return x
-    return _cotangent_computed_once(x)
+    return gradient_computed_once(x)
 
 
 class DropPath(nn.Module):
