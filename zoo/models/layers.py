@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from zoo import backend
 from zoo.models.conv import Conv, gradient_computed_once
 
 MATERIALIZE_BLOCK_GRADIENTS = True  # False (before tracing): `block_input` is a plain identity
@@ -203,6 +204,65 @@ class _HeadsDense(nn.Module):
         return out
 
 
+def attention_weights(q: jax.Array, k: jax.Array, biases=()) -> jax.Array:
+    """softmax(q k^T + sum(biases)) over the last axis, in float32: q, k [B, heads, N, d]."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+    for bias in biases:
+        logits = logits + bias
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _attention(q, k, v, biases):
+    weights = attention_weights(q, k, biases)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v), weights
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+    """x with its last two axes swapped, written out as one buffer (`backend.one_buffer`), so
+    that XLA:CPU does not fold the transpose back into the matmul that reads it."""
+    return backend.one_buffer(jnp.swapaxes(x, -1, -2))
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The cotangent of a broadcast to x.shape from `shape`: x summed over broadcast axes."""
+    x = x.sum(tuple(range(x.ndim - len(shape))))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axes, keepdims=True)
+
+
+def _attention_forward(q, k, v, biases):
+    out, weights = _attention(q, k, v, biases)
+    return out, (q, k, v, weights, biases)
+
+
+def _attention_backward(residuals, grad):
+    q, k, v, weights, biases = residuals
+    grad_v = jnp.einsum("bhkq,bhqd->bhkd", _transposed(weights).astype(v.dtype), grad)
+    grad_weights = jnp.einsum("bhqd,bhkd->bhqk", grad, v).astype(jnp.float32)
+    grad_logits = weights * (grad_weights - jnp.sum(grad_weights * weights, -1, keepdims=True))
+    grad_q = jnp.einsum("bhqk,bhkd->bhqd", grad_logits.astype(k.dtype), k)
+    grad_k = jnp.einsum("bhkq,bhqd->bhkd", _transposed(grad_logits).astype(q.dtype), q)
+    grad_biases = tuple(_sum_to_shape(grad_logits, b.shape).astype(b.dtype) for b in biases)
+    return grad_q, grad_k, grad_v, grad_biases
+
+
+_attention_with_vjp = jax.custom_vjp(lambda q, k, v, biases: _attention(q, k, v, biases)[0])
+_attention_with_vjp.defvjp(_attention_forward, _attention_backward)
+# XLA:CPU computes the gradients P^T dO (values) and dS^T Q (keys) of JAX's own derivative as
+# batched matmuls whose left operand is transposed, which YNNPACK refuses; Eigen runs them at
+# a few GFLOP/s at window shapes (swin_tiny's first stage, [1024 x 3] 49x49 @ 49x32: 112 ms
+# for 0.47 GFLOP).
+ATTENTION_VJP = True  # False (before tracing): JAX differentiates the attention itself
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, biases=()) -> jax.Array:
+    """softmax(q k^T + sum(biases)) v for q, k, v [B, heads, N, head_dim] (q already scaled);
+    each bias broadcastable to [B, heads, N, N], float32 (the softmax is float32)."""
+    if ATTENTION_VJP and jax.default_backend() == "cpu":
+        return _attention_with_vjp(q, k, v, tuple(biases))
+    return _attention(q, k, v, biases)[0]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused `qkv` projection (Vaswani et al. 2017).
 
@@ -249,8 +309,7 @@ class Attention(nn.Module):
             **kw,
         )(x)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, head_dim]
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
-        logits = logits.astype(jnp.float32)
+        biases = []
         if self.rel_pos_window:
             size = 2 * self.rel_pos_window - 1
             table = self.param(
@@ -262,12 +321,16 @@ class Attention(nn.Module):
             index = relative_position_index(window or (self.rel_pos_window,) * 2, size)
             rel_bias = jnp.take(table, index.reshape(-1), axis=0, mode="clip")  # in range
             rel_bias = rel_bias.reshape(tokens, tokens, self.num_heads)
-            logits = logits + rel_bias.transpose(2, 0, 1).astype(jnp.float32)
+            biases.append(rel_bias.transpose(2, 0, 1).astype(jnp.float32))
         if bias is not None:
-            logits = logits + bias
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(self.attn_dropout_rate, deterministic=not train)(weights)
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+            biases.append(bias)
+        q = q * head_dim**-0.5
+        if train and self.attn_dropout_rate > 0:
+            weights = attention_weights(q, k, biases).astype(self.dtype)
+            weights = nn.Dropout(self.attn_dropout_rate, deterministic=False)(weights)
+            out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        else:
+            out = dot_product_attention(q, k, v, tuple(biases))
         out = _HeadsDense(dim, "bhnd,hdc->bnc", (heads, head_dim, dim), (dim,), name="proj", **kw)(
             out
         )
