@@ -33,12 +33,31 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Output directory; default runs/<config file name>.")
 
 
+def choose_allocator(keep_freed_memory: bool) -> None:
+    """Applies the config's `keep_freed_memory` through zoo's environment switch, which
+    `import zoo` reads (glibc's arena setting only counts before JAX starts its threads). A
+    ZOO_KEEP_FREED_MEMORY already in the environment wins."""
+    if keep_freed_memory:
+        return
+    if "zoo" in sys.modules:  # e.g. a config file that imports zoo: too late to change
+        from zoo import backend
+
+        if backend.freed_memory_kept:
+            logging.warning(
+                "config.keep_freed_memory=False comes too late: the config imported zoo, "
+                "which applied its allocator settings. Set ZOO_KEEP_FREED_MEMORY=0 instead."
+            )
+        return
+    os.environ.setdefault("ZOO_KEEP_FREED_MEMORY", "0")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS.config
+    choose_allocator(config.keep_freed_memory)
     from zoo.training import loop
 
-    config = flags.FLAGS.config
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
     logging.set_verbosity(logging.WARNING)
     try:

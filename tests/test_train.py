@@ -66,6 +66,22 @@ def test_short_run_writes_checkpoints_metrics_and_plots(uninterrupted):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 12 and summary["eval_count"] == 2000
+    assert summary["freed_memory_kept"] is False  # configs/default.py: keep_freed_memory=False
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_config_chooses_the_allocator_before_zoo_is_imported(keep):
+    # train.py's main job sets keep_freed_memory=False; it must reach zoo's import.
+    code = (
+        f"import train; train.choose_allocator({keep}); "
+        "from zoo import backend; print('kept', backend.freed_memory_kept)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_KEEP_FREED_MEMORY"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"kept {keep}" in result.stdout
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(uninterrupted, tmp_path):

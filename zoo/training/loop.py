@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from zoo import backend
 from zoo.data import pipeline
 from zoo.data.augment import augment_from_config, make_augment
 from zoo.data.datasets import get_dataset
@@ -303,6 +304,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             / max(train_seconds - eval_seconds - (compile_seconds or 0.0), 1e-9),
             1,
         ),
+        "freed_memory_kept": backend.freed_memory_kept,  # zoo's allocator settings in effect
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
