@@ -41,7 +41,8 @@ convnext_tiny 2.07 -> 3.11, efficientnet_b0 6.47 -> 9.33, resnet50 2.39 -> 2.73.
 the process keeps its peak heap until it exits, like a GPU allocator's cache, and all
 threads share one arena (compiling takes up to 1.35x as long: swin_tiny's train step
 24.6 -> 32.0 s; a small job that faults little to begin with loses time: the default
-`python train.py` 148 -> 180 s, README "Results"). PyTorch in the same process (the
+`python train.py` 148 -> 180 s, README "Results"; its config therefore turns them off:
+`keep_freed_memory` in configs/common.py). PyTorch in the same process (the
 benchmark's timm rows) gets the same allocator. An arena is tied to a thread at its first
 allocation, so this too has to happen before JAX starts its threads.
 
