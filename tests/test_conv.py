@@ -81,6 +81,18 @@ def test_xla_switch_and_bf16():
     )
 
 
+def gradients(loss, x, kernel):
+    """d loss / d (x, kernel), traced afresh: conv's switches are read when tracing."""
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+
+
+def conditionals(fn, *args) -> int:
+    """The conditionals left in fn's program after XLA:CPU's optimisations; traced afresh (a
+    new function each call, so jit's cache never answers with a trace of other switches)."""
+    program = jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    return program.as_text().count(" conditional(")
+
+
 def depthwise_then_norm(x, kernel):
     # ConvNeXt's pattern: a 7x7 depthwise convolution, then a reduction over channels
     y = conv.conv2d(x, kernel, (1, 1), ((3, 3), (3, 3)), groups=x.shape[-1])
@@ -90,28 +102,22 @@ def depthwise_then_norm(x, kernel):
 def test_depthwise_output_is_one_buffer_when_ynn_reduces(monkeypatch):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 8))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (7, 7, 1, 8))
-
-    def grad(x, kernel):  # traced afresh: the switches are read when tracing
-        return jax.jit(jax.grad(depthwise_then_norm, argnums=(0, 1)))(x, kernel)
-
-    def conditionals() -> int:
-        traced = jax.jit(jax.grad(depthwise_then_norm, argnums=(0, 1))).lower(x, kernel)
-        return traced.compile().as_text().count(" conditional(")
-
+    grad_program = jax.grad(depthwise_then_norm, argnums=(0, 1))
     assert jax.default_backend() == "cpu"
     reduce_on = frozenset({"individual_dot", "reduce"})
     monkeypatch.setattr(conv.backend, "ynn_fusion_types", lambda: reduce_on)
-    assert conditionals() == 1  # kept by XLA:CPU's optimisations; the gradient is plain
-    with_buffer = grad(x, kernel)
+    assert conditionals(grad_program, x, kernel) == 1  # kept by XLA; the gradient is plain
+    with_buffer = gradients(depthwise_then_norm, x, kernel)
     # a NaN passes through (the conditional's predicate is False then)
     assert np.isnan(np.asarray(depthwise_then_norm(x.at[0, 0, 0, 0].set(jnp.nan), kernel)))
     monkeypatch.setattr(conv, "ONE_BUFFER_DEPTHWISE", False)
-    assert conditionals() == 0
-    for a, b in zip(with_buffer, grad(x, kernel), strict=True):
+    assert conditionals(grad_program, x, kernel) == 0
+    for a, b in zip(with_buffer, gradients(depthwise_then_norm, x, kernel), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
     monkeypatch.setattr(conv, "ONE_BUFFER_DEPTHWISE", True)
     monkeypatch.setattr(conv.backend, "ynn_fusion_types", lambda: frozenset({"individual_dot"}))
-    assert conditionals() == 0  # no YNNPACK reductions to take the sum in: left to XLA
+    # no YNNPACK reductions to take the sum in: left to XLA
+    assert conditionals(grad_program, x, kernel) == 0
 
 
 def bottleneck_tail(x, kernel):
@@ -124,20 +130,12 @@ def bottleneck_tail(x, kernel):
 def test_pointwise_output_gradient_is_one_buffer(monkeypatch):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 8))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 8, 16))
-
-    def grad(x, kernel):  # traced afresh: the switch is read when tracing
-        return jax.jit(jax.grad(bottleneck_tail, argnums=(0, 1)))(x, kernel)
-
-    def conditionals() -> int:
-        traced = jax.jit(jax.grad(bottleneck_tail, argnums=(0, 1))).lower(x, kernel)
-        return traced.compile().as_text().count(" conditional(")
-
+    grad_program = jax.grad(bottleneck_tail, argnums=(0, 1))
     assert jax.default_backend() == "cpu"
-    assert conditionals() == 1  # kept by XLA:CPU's optimisations
-    forward = jax.jit(bottleneck_tail).lower(x, kernel).compile().as_text()
-    assert " conditional(" not in forward  # the forward pass is untouched
-    with_buffer = grad(x, kernel)
+    assert conditionals(grad_program, x, kernel) == 1  # kept by XLA:CPU's optimisations
+    assert conditionals(bottleneck_tail, x, kernel) == 0  # the forward pass is untouched
+    with_buffer = gradients(bottleneck_tail, x, kernel)
     monkeypatch.setattr(conv, "ONE_BUFFER_POINTWISE_GRADIENT", False)
-    assert conditionals() == 0
-    for a, b in zip(with_buffer, grad(x, kernel), strict=True):
+    assert conditionals(grad_program, x, kernel) == 0
+    for a, b in zip(with_buffer, gradients(bottleneck_tail, x, kernel), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
