@@ -21,6 +21,10 @@ measured late in one long process read zoo ~25% slower.
     HF_HUB_OFFLINE=1 python benchmarks/throughput.py --vs-timm --out results.json
     # one model, one mode:
     python benchmarks/throughput.py --models resnet50 --modes train --vs-timm --steps 5
+    # what a speed switch of zoo.models is worth: the train step compiled twice, as is and
+    # with the switch flipped, interleaved with timm's in one process:
+    python benchmarks/throughput.py --models swin_tiny_patch4_window7_224 --modes train \
+        --vs-timm --steps 6 --compare layers.ATTENTION_VJP conv.ONE_BUFFER_POINTWISE_GRADIENT
     # a GPU (bf16, large batch, MFU against the chip's peak):
     python benchmarks/throughput.py --device gpu --vs-timm --out results_gpu.json
 """
@@ -28,7 +32,10 @@ measured late in one long process read zoo ~25% slower.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import difflib
+import importlib
 import json
 import os
 import statistics
@@ -260,6 +267,66 @@ def timm_runner(
     return Runner(step, time.perf_counter() - start)
 
 
+# The speed switches of zoo.models: module-level settings read when a model is traced
+# (bools such as layers.ATTENTION_VJP, conv.IMPLEMENTATION "auto" / "xla").
+SWITCH_MODULES = {"conv": "zoo.models.conv", "layers": "zoo.models.layers"}
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def available_switches() -> dict[str, bool | str]:
+    """`module.NAME` -> current value of every switch in SWITCH_MODULES."""
+    found = {}
+    for short, path in SWITCH_MODULES.items():
+        for name, value in vars(importlib.import_module(path)).items():
+            if name.isupper() and isinstance(value, bool | str):
+                found[f"{short}.{name}"] = value
+    return found
+
+
+def parse_switches(specs: list[str]) -> dict[str, bool | str]:
+    """`module.NAME` (a bool, flipped) or `module.NAME=value` -> {module.NAME: value}; an
+    unknown name or a value of the wrong kind is a ValueError that lists what exists."""
+    current = available_switches()
+    settings = {}
+    for spec in specs:
+        name, has_value, text = spec.partition("=")
+        if name not in current:
+            close = difflib.get_close_matches(name, current, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"--compare: unknown switch {name!r}.{hint} Switches: {', '.join(sorted(current))}"
+            )
+        value = current[name]
+        if isinstance(value, bool):
+            if has_value and text.lower() not in TRUE_WORDS + FALSE_WORDS:
+                raise ValueError(f"--compare: {name} is on/off; got {text!r} (use true or false)")
+            settings[name] = text.lower() in TRUE_WORDS if has_value else not value
+        elif not has_value:
+            raise ValueError(f"--compare: {name} takes a value, e.g. {name}={value}")
+        else:
+            settings[name] = text
+    return settings
+
+
+def _switch_home(name: str):
+    """`module.NAME` -> (the zoo.models module, "NAME")."""
+    short, attribute = name.split(".")
+    return importlib.import_module(SWITCH_MODULES[short]), attribute
+
+
+@contextlib.contextmanager
+def switched(settings: dict[str, bool | str]):
+    """Sets the switches for the block (models traced in it see them), then restores them."""
+    before = {name: getattr(*_switch_home(name)) for name in settings}
+    try:
+        for name, value in settings.items():
+            setattr(*_switch_home(name), value)
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(*_switch_home(name), value)
+
+
 def interleaved(
     runners: dict[str, Runner], warmup: int, steps: int, pause: float = 0.0
 ) -> dict[str, list[float]]:
@@ -303,6 +370,10 @@ def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> 
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     zoo = zoo_runner(case, mode, batch, dtype)
     runners = {"zoo": zoo}
+    settings = parse_switches(args.compare)
+    if settings:  # the same model traced and compiled again with the switches set
+        with switched(settings):
+            runners["zoo_switched"] = zoo_runner(case, mode, batch, dtype)
     use_timm = args.vs_timm and bool(case.timm_name)
     if use_timm:
         runners["timm"] = timm_runner(
@@ -319,10 +390,22 @@ def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> 
         "compile_s": zoo.compile_s,
         **summarize(times["zoo"], batch, zoo.flops_per_image, peak),
     }
+    if settings:
+        other = runners["zoo_switched"]
+        row["zoo_switched"] = {
+            "switches": settings,
+            "compile_s": other.compile_s,
+            **summarize(times["zoo_switched"], batch, zoo.flops_per_image, peak),
+        }
+        row["zoo_over_switched"] = row["zoo"]["images_per_s"] / row["zoo_switched"]["images_per_s"]
     if use_timm:
         timm_row = summarize(times["timm"], batch, zoo.flops_per_image, peak)
         row["timm"] = {"first_step_s": runners["timm"].compile_s, **timm_row}
         row["zoo_over_timm"] = row["zoo"]["images_per_s"] / timm_row["images_per_s"]
+        if settings:
+            row["zoo_switched_over_timm"] = (
+                row["zoo_switched"]["images_per_s"] / timm_row["images_per_s"]
+            )
     return row
 
 
@@ -368,6 +451,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {cell(timm) if timm else '-'} | {ratio} | {zoo['compile_s']:.1f} "
             f"| {zoo['gflops_per_image']:.2f} | {util_cell(zoo)} "
             f"| {util_cell(timm) if timm else '-'} |"
+        )
+    switched_rows = [row for row in rows if "zoo_switched" in row]
+    if switched_rows:
+        lines += [
+            "",
+            "| model | mode | switches | zoo img/s | zoo img/s, switched | zoo/switched "
+            "| zoo/timm | switched/timm |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    for row in switched_rows:
+        other = row["zoo_switched"]
+        names = ", ".join(f"{k}={v}" for k, v in other["switches"].items())
+        over_timm = [row.get(k) for k in ("zoo_over_timm", "zoo_switched_over_timm")]
+        lines.append(
+            f"| {row['model']} | {row['mode']} | {names} | {cell(row['zoo'])} | {cell(other)} "
+            f"| {row['zoo_over_switched']:.2f}x | "
+            + " | ".join(f"{r:.2f}x" if r else "-" for r in over_timm)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -429,6 +530,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--channels-last", action="store_true", help="timm in channels-last")
     parser.add_argument("--matmul-size", type=int, default=4096, help="peak reference (cpu)")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="SWITCH[=VALUE]",
+        help="also time zoo with these zoo.models switches set (a bool alone: flipped), e.g. "
+        "layers.ATTENTION_VJP conv.IMPLEMENTATION=xla; compiled in the same process and "
+        "interleaved with the others",
+    )
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     parser.add_argument(
         "--same-process",
@@ -436,6 +546,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="measure every row in this process (default: a fresh process per row)",
     )
     args = parser.parse_args(argv)
+    try:
+        parse_switches(args.compare)
+    except ValueError as error:
+        parser.error(str(error))
     args.precision = args.precision or ("bf16" if args.device == "gpu" else "fp32")
 
     device = jax.devices()[0]

@@ -3,7 +3,10 @@
 import argparse
 import time
 
+import pytest
+
 from benchmarks import throughput
+from zoo.models import conv, layers
 
 FIELDS = ("images_per_s", "images_per_s_min", "images_per_s_max", "step_ms", "gflops_per_image")
 
@@ -21,6 +24,7 @@ def test_benchmark_rows_have_positive_fields():
         vs_timm=False,
         channels_last=False,
         matmul_size=256,
+        compare=[],
     )
     for mode in ("train", "infer"):
         row = throughput.bench_case(case, mode, args, peak=1e11)
@@ -68,3 +72,60 @@ def test_row_subprocess_gets_this_runs_options_and_its_own_row():
         "--out",
         "row.json",
     ]
+
+
+def test_compare_switches_parse_flip_and_reject_with_the_list():
+    assert throughput.parse_switches(["layers.ATTENTION_VJP", "conv.IMPLEMENTATION=xla"]) == {
+        "layers.ATTENTION_VJP": not layers.ATTENTION_VJP,
+        "conv.IMPLEMENTATION": "xla",
+    }
+    assert throughput.parse_switches(["conv.DEPTHWISE_VJP=off"]) == {"conv.DEPTHWISE_VJP": False}
+    with pytest.raises(ValueError, match="Did you mean layers.ATTENTION_VJP") as error:
+        throughput.parse_switches(["layers.ATENTION_VJP"])
+    assert "conv.ONE_BUFFER_POINTWISE_GRADIENT" in str(error.value)  # the whole list
+    with pytest.raises(ValueError, match="use true or false"):
+        throughput.parse_switches(["layers.ATTENTION_VJP=maybe"])
+    with pytest.raises(ValueError, match="conv.IMPLEMENTATION=auto"):
+        throughput.parse_switches(["conv.IMPLEMENTATION"])
+
+
+def test_switched_sets_for_the_block_and_restores_after_an_error():
+    def current():
+        return conv.IMPLEMENTATION, layers.ATTENTION_VJP
+
+    before = current()
+    settings = {"conv.IMPLEMENTATION": "xla", "layers.ATTENTION_VJP": False}
+    with pytest.raises(RuntimeError), throughput.switched(settings):
+        assert current() == ("xla", False)
+        raise RuntimeError
+    assert current() == before
+
+
+def test_compare_builds_a_second_zoo_runner_under_the_switches(monkeypatch):
+    seen = []
+    build = throughput.zoo_runner
+
+    def recording_runner(*args, **kwargs):
+        seen.append(conv.IMPLEMENTATION)  # what the model is traced under
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(throughput, "zoo_runner", recording_runner)
+    args = argparse.Namespace(
+        infer_batch=8,
+        device="cpu",
+        precision="fp32",
+        warmup=0,
+        steps=1,
+        pause=0.0,
+        vs_timm=False,
+        channels_last=False,
+        matmul_size=256,
+        compare=["conv.IMPLEMENTATION=xla"],
+    )
+    row = throughput.bench_case(throughput.Case("resnet8", 16, "sgd"), "infer", args, 1e11)
+    assert seen == ["auto", "xla"] and conv.IMPLEMENTATION == "auto"
+    assert row["zoo_switched"]["switches"] == {"conv.IMPLEMENTATION": "xla"}
+    assert row["zoo_switched"]["images_per_s"] > 0 and row["zoo_over_switched"] > 0
+    meta = {"device": "cpu", "device_kind": "cpu", "precision": "fp32", "peak_source": "test"}
+    meta |= {"steps": 1, "load_average": (0.0,), "load_average_end": (0.0,)}
+    assert "| conv.IMPLEMENTATION=xla |" in throughput.markdown([row], meta)
