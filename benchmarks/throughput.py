@@ -328,13 +328,18 @@ def switched(settings: dict[str, bool | str]):
 
 
 def interleaved(
-    runners: dict[str, Runner], warmup: int, steps: int, pause: float = 0.0
+    runners: dict[str, Runner],
+    warmup: int,
+    steps: int,
+    pause: float = 0.0,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Per-step seconds of each runner; rounds of one step alternate between the runners
     (order reversed every round) so that slow minutes on a shared machine hit all of them.
     `pause` seconds of idle precede each timed step: right after a PyTorch step, zoo's next
     step ran ~20% slower than after a pause (convnext_tiny train 2.07 vs 2.52 img/s, timm
-    3.52 vs 3.48; 2-core CPU), and a run of one framework alone has no such neighbour."""
+    3.52 vs 3.48; 2-core CPU), and a run of one framework alone has no such neighbour.
+    `cpu`, if given, receives each step's CPU seconds (user + system, all threads)."""
     names = list(runners)
     for name in names:
         for _ in range(warmup):
@@ -343,17 +348,30 @@ def interleaved(
     for round_index in range(steps):
         for name in names if round_index % 2 == 0 else names[::-1]:
             time.sleep(pause)
+            cpu_start = time.process_time()
             start = time.perf_counter()
             runners[name].step()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - cpu_start)
     return times
 
 
-def summarize(times: list[float], batch: int, flops_per_image: float, peak: float) -> dict:
+def paired_ratio(fast: list[float], slow: list[float]) -> float:
+    """Median over rounds of slow[i] / fast[i]: how many times faster `fast` ran than `slow`
+    in the same round. Steps of one round run seconds apart, so a slow minute on a shared
+    machine hits both; on this 2-core machine the medians of two runners moved by +-10%
+    between runs, the per-round ratio less."""
+    return statistics.median(b / a for a, b in zip(fast, slow, strict=True))
+
+
+def summarize(
+    times: list[float], batch: int, flops_per_image: float, peak: float, cpu=None
+) -> dict:
     median = statistics.median(times)
     images_per_s = batch / median
     achieved = flops_per_image * images_per_s
-    return {
+    summary = {
         "images_per_s": images_per_s,
         "images_per_s_min": batch / max(times),
         "images_per_s_max": batch / min(times),
@@ -362,6 +380,9 @@ def summarize(times: list[float], batch: int, flops_per_image: float, peak: floa
         "achieved_gflops": achieved / 1e9,
         "utilisation": achieved / peak if peak else 0.0,
     }
+    if cpu:  # CPU seconds per wall second: how many cores the step kept busy
+        summary["cores_busy"] = sum(cpu) / sum(times)
+    return summary
 
 
 def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> dict:
@@ -381,27 +402,32 @@ def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> 
         )
     if args.device == "cpu":  # the peak, timed in the same rounds: same noise as the models
         runners["matmul"] = Runner(matmul_step(args.matmul_size), 0.0)
-    times = interleaved(runners, args.warmup, args.steps, args.pause)
+    cpu = {}
+    times = interleaved(runners, args.warmup, args.steps, args.pause, cpu)
     if args.device == "cpu":
         peak = 2 * args.matmul_size**3 / min(times["matmul"])
     row = {"model": case_label(case), "mode": mode, "batch": batch, "precision": args.precision}
     row["peak_gflops"] = peak / 1e9
     row["zoo"] = {
         "compile_s": zoo.compile_s,
-        **summarize(times["zoo"], batch, zoo.flops_per_image, peak),
+        **summarize(times["zoo"], batch, zoo.flops_per_image, peak, cpu.get("zoo")),
     }
     if settings:
         other = runners["zoo_switched"]
         row["zoo_switched"] = {
             "switches": settings,
             "compile_s": other.compile_s,
-            **summarize(times["zoo_switched"], batch, zoo.flops_per_image, peak),
+            **summarize(
+                times["zoo_switched"], batch, zoo.flops_per_image, peak, cpu.get("zoo_switched")
+            ),
         }
         row["zoo_over_switched"] = row["zoo"]["images_per_s"] / row["zoo_switched"]["images_per_s"]
+        row["zoo_over_switched_paired"] = paired_ratio(times["zoo"], times["zoo_switched"])
     if use_timm:
-        timm_row = summarize(times["timm"], batch, zoo.flops_per_image, peak)
+        timm_row = summarize(times["timm"], batch, zoo.flops_per_image, peak, cpu.get("timm"))
         row["timm"] = {"first_step_s": runners["timm"].compile_s, **timm_row}
         row["zoo_over_timm"] = row["zoo"]["images_per_s"] / timm_row["images_per_s"]
+        row["zoo_over_timm_paired"] = paired_ratio(times["zoo"], times["timm"])
         if settings:
             row["zoo_switched_over_timm"] = (
                 row["zoo_switched"]["images_per_s"] / timm_row["images_per_s"]
@@ -457,8 +483,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += [
             "",
             "| model | mode | switches | zoo img/s | zoo img/s, switched | zoo/switched "
-            "| zoo/timm | switched/timm |",
-            "|---|---|---|---|---|---|---|---|",
+            "| zoo/switched, per round | zoo/timm | switched/timm |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
     for row in switched_rows:
         other = row["zoo_switched"]
@@ -466,7 +492,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         over_timm = [row.get(k) for k in ("zoo_over_timm", "zoo_switched_over_timm")]
         lines.append(
             f"| {row['model']} | {row['mode']} | {names} | {cell(row['zoo'])} | {cell(other)} "
-            f"| {row['zoo_over_switched']:.2f}x | "
+            f"| {row['zoo_over_switched']:.2f}x | {row['zoo_over_switched_paired']:.2f}x | "
             + " | ".join(f"{r:.2f}x" if r else "-" for r in over_timm)
             + " |"
         )

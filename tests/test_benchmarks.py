@@ -29,7 +29,7 @@ def test_benchmark_rows_have_positive_fields():
     for mode in ("train", "infer"):
         row = throughput.bench_case(case, mode, args, peak=1e11)
         zoo = row["zoo"]
-        for field in (*FIELDS, "compile_s", "achieved_gflops", "utilisation"):
+        for field in (*FIELDS, "compile_s", "achieved_gflops", "utilisation", "cores_busy"):
             assert zoo[field] > 0, (mode, field, zoo)
         assert row["peak_gflops"] > 0
     meta = {
@@ -48,11 +48,28 @@ def test_interleaved_pauses_before_each_step_outside_the_timing():
     order = []
     runners = {name: throughput.Runner(lambda name=name: order.append(name), 0.0) for name in "ab"}
     start = time.perf_counter()
-    times = throughput.interleaved(runners, warmup=1, steps=3, pause=0.05)
+    cpu = {}
+    times = throughput.interleaved(runners, warmup=1, steps=3, pause=0.05, cpu=cpu)
     elapsed = time.perf_counter() - start
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating
     assert elapsed >= 6 * 0.05  # one pause per timed step
     assert all(len(t) == 3 and max(t) < 0.04 for t in times.values())  # pauses not timed
+    assert all(len(c) == 3 and max(c) < 0.04 for c in cpu.values())  # sleeping is not CPU
+
+
+def test_busy_step_counts_its_cpu_time_and_paired_ratio_is_per_round():
+    def spin(seconds=0.05):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    cpu = {}
+    times = throughput.interleaved({"spin": throughput.Runner(spin, 0.0)}, 0, 2, 0.0, cpu)
+    row = throughput.summarize(times["spin"], 1, 1.0, 1.0, cpu["spin"])
+    assert 0.8 < row["cores_busy"] <= 1.05  # one thread busy throughout
+    # b took 2x as long as a in each round although the rounds' speeds differ 3x
+    assert throughput.paired_ratio([1.0, 3.0, 2.0], [2.0, 6.0, 4.0]) == 2.0
+    assert throughput.paired_ratio([1.0, 3.0, 2.0], [1.0, 2.0, 3.0]) == 1.0
 
 
 def test_row_subprocess_gets_this_runs_options_and_its_own_row():
@@ -126,6 +143,7 @@ def test_compare_builds_a_second_zoo_runner_under_the_switches(monkeypatch):
     assert seen == ["auto", "xla"] and conv.IMPLEMENTATION == "auto"
     assert row["zoo_switched"]["switches"] == {"conv.IMPLEMENTATION": "xla"}
     assert row["zoo_switched"]["images_per_s"] > 0 and row["zoo_over_switched"] > 0
+    assert row["zoo_over_switched_paired"] > 0
     meta = {"device": "cpu", "device_kind": "cpu", "precision": "fp32", "peak_source": "test"}
     meta |= {"steps": 1, "load_average": (0.0,), "load_average_end": (0.0,)}
     assert "| conv.IMPLEMENTATION=xla |" in throughput.markdown([row], meta)
