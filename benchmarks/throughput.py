@@ -359,9 +359,8 @@ def interleaved(
 
 def paired_ratio(fast: list[float], slow: list[float]) -> float:
     """Median over rounds of slow[i] / fast[i]: how many times faster `fast` ran than `slow`
-    in the same round. Steps of one round run seconds apart, so a slow minute on a shared
-    machine hits both; on this 2-core machine the medians of two runners moved by +-10%
-    between runs, the per-round ratio less."""
+    within a round. The steps of one round run seconds apart, so a slow minute on a shared
+    machine slows both, where the ratio of two medians can pair a slow step with a fast one."""
     return statistics.median(b / a for a, b in zip(fast, slow, strict=True))
 
 
