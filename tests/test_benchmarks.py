@@ -11,21 +11,16 @@ from zoo.models import conv, layers
 FIELDS = ("images_per_s", "images_per_s_min", "images_per_s_max", "step_ms", "gflops_per_image")
 
 
+def bench_args(**overrides) -> argparse.Namespace:
+    """The options bench_case reads: resnet8 at batch 8, one timed step, no timm."""
+    options = dict(train_batch=8, infer_batch=8, device="cpu", precision="fp32", warmup=0)
+    options |= dict(steps=1, pause=0.0, vs_timm=False, channels_last=False, matmul_size=256)
+    return argparse.Namespace(**(options | dict(compare=[]) | overrides))
+
+
 def test_benchmark_rows_have_positive_fields():
     case = throughput.Case("resnet8", 16, "sgd")
-    args = argparse.Namespace(
-        train_batch=8,
-        infer_batch=8,
-        device="cpu",
-        precision="fp32",
-        warmup=0,
-        steps=1,
-        pause=0.0,
-        vs_timm=False,
-        channels_last=False,
-        matmul_size=256,
-        compare=[],
-    )
+    args = bench_args()
     for mode in ("train", "infer"):
         row = throughput.bench_case(case, mode, args, peak=1e11)
         zoo = row["zoo"]
@@ -127,18 +122,7 @@ def test_compare_builds_a_second_zoo_runner_under_the_switches(monkeypatch):
         return build(*args, **kwargs)
 
     monkeypatch.setattr(throughput, "zoo_runner", recording_runner)
-    args = argparse.Namespace(
-        infer_batch=8,
-        device="cpu",
-        precision="fp32",
-        warmup=0,
-        steps=1,
-        pause=0.0,
-        vs_timm=False,
-        channels_last=False,
-        matmul_size=256,
-        compare=["conv.IMPLEMENTATION=xla"],
-    )
+    args = bench_args(compare=["conv.IMPLEMENTATION=xla"])
     row = throughput.bench_case(throughput.Case("resnet8", 16, "sgd"), "infer", args, 1e11)
     assert seen == ["auto", "xla"] and conv.IMPLEMENTATION == "auto"
     assert row["zoo_switched"]["switches"] == {"conv.IMPLEMENTATION": "xla"}
