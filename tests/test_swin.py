@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import zoo
+from zoo.models import swin
 from zoo.models.swin import shift_mask, window_partition, window_reverse
 
 NAME = "swin_tiny_patch4_window7_224"
@@ -69,3 +70,30 @@ def test_bfloat16_compute_stays_close_to_float32(small):
     assert half.dtype == jnp.float32
     # bfloat16 keeps 8 mantissa bits (~0.4% relative): allow 3% of the logit range.
     assert float(jnp.max(jnp.abs(half - full))) <= 0.03 * float(jnp.max(jnp.abs(full)))
+
+
+def test_window_buffers_change_the_program_not_the_gradients(small, monkeypatch):
+    model, variables, x, _, _ = small
+
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+
+    def loss(params):
+        logits = model.apply({"params": params}, x, train=True, rngs=rngs)
+        return jnp.sum(logits**2)
+
+    def traced(buffers: bool):  # a fresh function per setting: the switch is read when tracing
+        monkeypatch.setattr(swin, "WINDOW_BUFFERS", buffers)
+        program = jax.jit(jax.grad(lambda p: loss(p))).lower(variables["params"]).compile()
+        return program, program(variables["params"])
+
+    plain, plain_grads = traced(False)
+    buffered, buffered_grads = traced(True)
+
+    def count(program) -> int:
+        return program.as_text().count(" conditional(")
+
+    # per block a forward buffer of the windows and one of their gradient, and the gradient
+    # at the patch merging's input: more conditionals, the same numbers
+    assert count(buffered) > count(plain)
+    for a, b in zip(jax.tree.leaves(buffered_grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

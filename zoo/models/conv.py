@@ -96,6 +96,17 @@ def _cotangent_through_cond(_, grad):
 
 gradient_computed_once.defvjp(_identity_forward, _cotangent_through_cond)
 
+
+@jax.custom_vjp
+def value_computed_once(x: jax.Array) -> jax.Array:
+    """x computed into one buffer in the forward pass (`backend.one_buffer`), its gradient
+    passed through unchanged: consumers read the buffer instead of recomputing x's producers
+    inside their own fusions (`depthwise_conv`, `zoo.models.swin`)."""
+    return backend.one_buffer(x)
+
+
+value_computed_once.defvjp(lambda x: (backend.one_buffer(x), None), lambda _, grad: (grad,))
+
 # The weight gradient of a 1x1 convolution is x^T @ grad over all B*H*W positions. XLA:CPU
 # gives it to Eigen with grad transposed, and fused the elementwise work that produces grad
 # (BatchNorm's backward, the residual add, the ReLU mask) into that transposing copy, which
@@ -187,12 +198,6 @@ depthwise_with_vjp.defvjp(_depthwise_forward, _depthwise_backward)
 DEPTHWISE_VJP = True  # False (before tracing): JAX differentiates the shifted sum itself
 
 
-@jax.custom_vjp
-def _one_buffer(x: jax.Array) -> jax.Array:
-    return backend.one_buffer(x)
-
-
-_one_buffer.defvjp(lambda x: (backend.one_buffer(x), None), lambda _, grad: (grad,))
 # With YNNPACK's "reduce" fusions on (zoo's training setting, see zoo.backend), the reduction
 # after a depthwise convolution (ConvNeXt's LayerNorm) takes the k*k shifted multiply-adds in
 # as its producer, and YNNPACK needs every operand as a buffer: 49 shifted copies of the input
@@ -211,7 +216,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, strides, pads: Pads) -> jax.
     else:
         out = shifted_depthwise(x, kernel, strides, pads)
     if ONE_BUFFER_DEPTHWISE and "reduce" in backend.ynn_fusion_types():
-        out = _one_buffer(out)
+        out = value_computed_once(out)
     return out
 
 
