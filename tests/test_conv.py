@@ -139,3 +139,24 @@ def test_pointwise_output_gradient_is_one_buffer(monkeypatch):
     assert conditionals(grad_program, x, kernel) == 0
     for a, b in zip(with_buffer, gradients(bottleneck_tail, x, kernel), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def norm_relu_conv(x, kernel):
+    # ResNet's pattern: BatchNorm-like normalisation and a ReLU feeding a 3x3 convolution
+    y = jax.nn.relu((x - x.mean((0, 1, 2))) / jnp.sqrt(x.var((0, 1, 2)) + 1e-5))
+    y = conv.conv2d(y, kernel, (1, 1), ((1, 1), (1, 1)))
+    return jnp.sum(y * jnp.arange(y.shape[-1]))
+
+
+def test_xla_convolution_saves_its_input_as_one_buffer(monkeypatch):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 8))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 4))
+    grad_program = jax.grad(norm_relu_conv, argnums=(0, 1))
+    assert jax.default_backend() == "cpu"
+    assert conditionals(grad_program, x, kernel) == 1  # kept by XLA:CPU's optimisations
+    assert conditionals(norm_relu_conv, x, kernel) == 0  # inference is untouched
+    with_buffer = gradients(norm_relu_conv, x, kernel)
+    monkeypatch.setattr(conv, "ONE_BUFFER_CONV_INPUT", False)
+    assert conditionals(grad_program, x, kernel) == 0
+    for a, b in zip(with_buffer, gradients(norm_relu_conv, x, kernel), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
