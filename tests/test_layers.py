@@ -1,5 +1,5 @@
 """zoo.models.layers: block_input (an identity whose cotangent XLA:CPU computes once),
-dot_product_attention's hand-written backward, and gelu_exact."""
+dot_product_attention's hand-written backward, max_pool's, and gelu_exact."""
 
 import math
 
@@ -49,6 +49,36 @@ def test_cpu_gradient_goes_through_one_conditional_per_block(monkeypatch):
     assert conditionals() == 3  # kept by XLA:CPU's optimisations, one per block
     monkeypatch.setattr(layers, "MATERIALIZE_BLOCK_GRADIENTS", False)
     assert conditionals() == 0
+
+
+@pytest.mark.parametrize(
+    "size, window, strides, pads",
+    [
+        (12, (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool
+        (9, (3, 3), (2, 2), ((1, 1), (1, 1))),  # odd size
+        (8, (2, 3), (1, 2), ((0, 1), (1, 0))),  # uneven window, one-sided pads
+    ],
+)
+def test_max_pool_values_and_gradients_are_flaxs_ties_included(size, window, strides, pads):
+    assert jax.default_backend() == "cpu"  # the hand-written path
+    key = jax.random.PRNGKey(0)
+    # integers in [-2, 2] after a ReLU: most windows hold their maximum more than once
+    x = jax.nn.relu(jnp.round(2 * jax.random.normal(key, (2, size, size, 3))))
+
+    def theirs(x):
+        return nn.max_pool(x, window, strides=strides, padding=pads)
+
+    def ours(x):
+        return layers.max_pool(x, window, strides, pads)
+
+    y = ours(x)
+    np.testing.assert_array_equal(y, theirs(x))
+    grad = jax.random.normal(jax.random.PRNGKey(1), y.shape)
+    (ours_grad,) = jax.jit(lambda x, g: jax.vjp(ours, x)[1](g))(x, grad)
+    (theirs_grad,) = jax.vjp(theirs, x)[1](grad)
+    # each output's gradient lands on the first maximum in its window, exactly as XLA's
+    assert float((x == 0).mean()) > 0.4
+    np.testing.assert_array_equal(ours_grad, theirs_grad)
 
 
 def test_gelu_exact_matches_float64_erf_reference_and_flax():

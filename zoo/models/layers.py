@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 
 from zoo import backend
-from zoo.models.conv import Conv, gradient_computed_once
+from zoo.models.conv import Conv, gradient_computed_once, shifted_windows
 
 MATERIALIZE_BLOCK_GRADIENTS = True  # False (before tracing): `block_input` is a plain identity
 
@@ -64,6 +64,59 @@ class DropPath(nn.Module):
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, C], accumulated in float32."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
+
+
+def _window_max(x: jax.Array, window, strides, pads) -> jax.Array:
+    taps = shifted_windows(x, window, strides, pads, pad_value=-jnp.inf)
+    out = taps[0]
+    for tap in taps[1:]:
+        out = jnp.maximum(out, tap)
+    return out
+
+
+def _window_max_forward(x, window, strides, pads):
+    out = _window_max(x, window, strides, pads)
+    return out, (x, out)
+
+
+def _window_max_backward(window, strides, pads, residuals, grad):
+    """Each output's gradient goes to the first tap (row-major) that holds the maximum, as in
+    XLA's select-and-scatter (and PyTorch): masks from the shifted windows, then the
+    transpose of the strided slices (pads, summed)."""
+    x, out = residuals
+    taken = jnp.zeros(out.shape, bool)
+    firsts = []
+    for tap in shifted_windows(x, window, strides, pads, pad_value=-jnp.inf):
+        first = (tap == out) & ~taken
+        taken = taken | first
+        firsts.append(first)
+
+    def chosen(x):
+        taps = shifted_windows(x, window, strides, pads)
+        return sum(jnp.where(first, tap, 0) for first, tap in zip(firsts, taps, strict=True))
+
+    return jax.vjp(chosen, x)[1](grad)
+
+
+# window, strides and pads are static (hashable tuples).
+window_max = jax.custom_vjp(_window_max, nondiff_argnums=(1, 2, 3))
+window_max.defvjp(_window_max_forward, _window_max_backward)
+
+
+def max_pool(x: jax.Array, window=(3, 3), strides=(2, 2), pads=((1, 1), (1, 1))) -> jax.Array:
+    """`nn.max_pool` on NHWC x with explicit pads; the same values and gradients.
+
+    On CPU an elementwise maximum over the shifted windows with a hand-written backward.
+    JAX differentiates `lax.reduce_window`'s max through a variadic reduce-window that
+    carries the arg-max along, which XLA:CPU ran slowly: ResNet's stem pool (3x3/2,
+    16x112x112x64) forward and backward took 106 ms, 22 ms this way (forward alone 7.4 vs
+    5.9 ms; PyTorch channels-last 9.7 ms).
+    """
+    window, strides = tuple(window), tuple(strides)
+    pads = tuple(tuple(p) for p in pads)
+    if jax.default_backend() != "cpu":
+        return nn.max_pool(x, window, strides=strides, padding=pads)
+    return window_max(x, window, strides, pads)
 
 
 _SQRT_HALF = 0.5**0.5  # a Python float: keeps x's dtype

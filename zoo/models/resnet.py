@@ -25,7 +25,7 @@ import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import DropPath, global_avg_pool
+from zoo.models.layers import DropPath, global_avg_pool, max_pool
 
 # timm/torchvision initialise convolutions with kaiming_normal(fan_out, relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -179,7 +179,7 @@ class ResNet(nn.Module):
         elif self.stem == "imagenet":
             x = conv(self.stem_width, 7, 2, name="conv1", **kw)(x)
             x = nn.relu(norm(name="bn1")(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), pads=((1, 1), (1, 1)))
         else:
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got '{self.stem}'")
 
