@@ -133,3 +133,66 @@ def test_attention_gradients_are_plain_batched_matmuls(monkeypatch, flag, transp
     grad = jax.grad(lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v) ** 2), (0, 1, 2))
     hlo = jax.jit(grad).lower(x, x, x).compile().as_text()
     assert hlo.count("lhs_batch_dims={0,1}, lhs_contracting_dims={2}") == transposed_left_dots
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_norm_is_flaxs(train):
+    assert jax.default_backend() == "cpu"  # the hand-written training path
+    x = 3 * jax.random.normal(jax.random.PRNGKey(0), (4, 5, 6, 8)) + 2
+    weights = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    ours = layers.BatchNorm(momentum=0.9, epsilon=1e-3)
+    theirs = nn.BatchNorm(momentum=0.9, epsilon=1e-3)
+    variables = theirs.init(jax.random.PRNGKey(2), x, use_running_average=False)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x, False)) == jax.tree.map(
+        jnp.shape, variables
+    )
+    params = {
+        "scale": jax.random.normal(jax.random.PRNGKey(3), (8,)),
+        "bias": jax.random.normal(jax.random.PRNGKey(4), (8,)),
+    }
+    stats = {"mean": jnp.full((8,), 0.5), "var": jnp.full((8,), 2.0)}
+
+    def loss(module, params, x):
+        y, updates = module.apply(
+            {"params": params, "batch_stats": stats},
+            x,
+            use_running_average=not train,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(jnp.tanh(y) * weights), (y, updates)
+
+    (ours_value, (ours_y, ours_updates)), ours_grads = jax.jit(
+        jax.value_and_grad(lambda p, x: loss(ours, p, x), argnums=(0, 1), has_aux=True)
+    )(params, x)
+    (_, (theirs_y, theirs_updates)), theirs_grads = jax.value_and_grad(
+        lambda p, x: loss(theirs, p, x), argnums=(0, 1), has_aux=True
+    )(params, x)
+    np.testing.assert_allclose(ours_y, theirs_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(ours_updates), jax.tree.leaves(theirs_updates), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(theirs_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    program = str(jax.make_jaxpr(lambda p: loss(ours, p, x)[0])(params))
+    assert ("custom_vjp" in program) == train  # the hand-written gradient, when training
+    if train:  # the running averages moved towards this batch's statistics
+        assert not np.allclose(ours_updates["batch_stats"]["mean"], stats["mean"])
+
+
+def test_batch_norm_statistics_gradients_are_flaxs():
+    # the statistics' cotangents (zero in a train step) are not dropped
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 5))
+    scale, bias = jnp.full((5,), 1.5), jnp.full((5,), -0.5)
+
+    def through_stats(x):
+        y, mean, var = layers.batch_norm_train(x, scale, bias, 1e-5)
+        return jnp.sum(y**2) + jnp.sum(mean * jnp.arange(5.0)) + jnp.sum(var**2)
+
+    def reference(x):
+        mean = x.mean((0, 1, 2))
+        var = jnp.maximum((x * x).mean((0, 1, 2)) - mean**2, 0.0)
+        y = (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+        return jnp.sum(y**2) + jnp.sum(mean * jnp.arange(5.0)) + jnp.sum(var**2)
+
+    np.testing.assert_allclose(
+        jax.grad(through_stats)(x), jax.grad(reference)(x), rtol=1e-4, atol=1e-5
+    )

@@ -33,7 +33,7 @@ import numpy as np
 
 from zoo.models.catalog import INCEPTION_MEAN, INCEPTION_STD, PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import DropPath, SqueezeExcite, global_avg_pool
+from zoo.models.layers import BatchNorm, DropPath, SqueezeExcite, global_avg_pool
 from zoo.models.pretrained import torch_to_flax
 
 # EfficientNet-B0 (the paper's table 1), one row per stage:
@@ -221,7 +221,7 @@ class EfficientNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         act = ACTIVATIONS[self.activation]
         norm = functools.partial(
-            nn.BatchNorm,
+            BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,

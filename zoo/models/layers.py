@@ -61,6 +61,82 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def _batch_norm_forward(x, scale, bias, epsilon):
+    """(y, mean, var) of training-mode BatchNorm over [B, H, W] as flax computes them
+    (variance as E[x^2] - E[x]^2, clipped at 0), and the residuals of the backward pass."""
+    n = x.size // x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    mean = x.sum(axes) / n
+    var = jnp.maximum((x * x).sum(axes) / n - mean * mean, 0.0)
+    inverse = lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inverse * scale) + bias
+    return (y, mean, var), (x, mean, inverse, scale)
+
+
+def _batch_norm_backward(epsilon, residuals, cotangents):
+    """The textbook BatchNorm gradient: two reductions (sum of g, sum of g * x_hat), then one
+    elementwise pass; the statistics' own cotangents (zero in a train step) are added."""
+    grad, grad_mean, grad_var = cotangents
+    x, mean, inverse, scale = residuals
+    n = x.size // x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    centred = x - mean
+    x_hat = centred * inverse
+    grad_bias, grad_scale = grad.sum(axes), (grad * x_hat).sum(axes)
+    grad_x = (inverse * scale) * (grad - grad_bias / n - x_hat * (grad_scale / n))
+    grad_x = grad_x + (grad_mean + 2 * grad_var * centred) / n
+    return grad_x, grad_scale, grad_bias
+
+
+# epsilon is static: nondiff_argnums.
+batch_norm_train = jax.custom_vjp(
+    lambda x, scale, bias, epsilon: _batch_norm_forward(x, scale, bias, epsilon)[0],
+    nondiff_argnums=(3,),
+)
+batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` (same parameters, statistics and results) whose training-mode gradient
+    is written by hand on CPU (`batch_norm_train`): JAX's derivative of flax's normalisation
+    reached XLA:CPU as more reductions and elementwise passes than the two reductions and one
+    pass the textbook gradient needs. Alone, fwd+bwd with a ReLU (2-core Zen4): 16x112x112x32
+    13.3 -> 10.1 ms, 16x56x56x256 32.4 -> 22.5 ms. Train step, both compiled in one process,
+    10 alternating rounds: efficientnet_b0 16.43 -> 16.73 img/s, resnet50 5.17 -> 5.28,
+    resnet18-CIFAR 47.3 -> 48.1 (8 rounds): small, in every model the same way. Elsewhere
+    (evaluation, other backends or dtypes, cross-device statistics under pmap, masks, other
+    axes) it is flax's own.
+    """
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        running = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        plain = (
+            running
+            or self.is_initializing()
+            or jax.default_backend() != "cpu"
+            or mask is not None
+            or self.axis_name is not None
+            or self.axis not in (-1, x.ndim - 1)
+            or not (self.use_scale and self.use_bias and self.use_fast_variance)
+            or {x.dtype, jnp.dtype(self.param_dtype), jnp.dtype(self.dtype or x.dtype)}
+            != {jnp.dtype(jnp.float32)}
+        )
+        if plain:
+            return super().__call__(x, use_running_average, mask=mask)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, C], accumulated in float32."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)

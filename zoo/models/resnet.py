@@ -25,7 +25,7 @@ import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import DropPath, global_avg_pool, max_pool
+from zoo.models.layers import BatchNorm, DropPath, global_avg_pool, max_pool
 
 # timm/torchvision initialise convolutions with kaiming_normal(fan_out, relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -56,7 +56,7 @@ class BasicBlock(nn.Module):
     shortcut: str = "projection"
     drop_path_rate: float = 0.0
     zero_init_last: bool = True
-    norm: Any = nn.BatchNorm
+    norm: Any = BatchNorm
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     expansion = 1
@@ -83,7 +83,7 @@ class Bottleneck(nn.Module):
     shortcut: str = "projection"
     drop_path_rate: float = 0.0
     zero_init_last: bool = True
-    norm: Any = nn.BatchNorm
+    norm: Any = BatchNorm
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     expansion = 4
@@ -165,7 +165,7 @@ class ResNet(nn.Module):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got '{self.block}'")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(
-            nn.BatchNorm,
+            BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
