@@ -127,20 +127,6 @@ def bottleneck_tail(x, kernel):
     return jnp.sum(jax.nn.relu(y) * jnp.arange(y.shape[-1]))
 
 
-def test_pointwise_output_gradient_is_one_buffer(monkeypatch):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 8))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 8, 16))
-    grad_program = jax.grad(bottleneck_tail, argnums=(0, 1))
-    assert jax.default_backend() == "cpu"
-    assert conditionals(grad_program, x, kernel) == 1  # kept by XLA:CPU's optimisations
-    assert conditionals(bottleneck_tail, x, kernel) == 0  # the forward pass is untouched
-    with_buffer = gradients(bottleneck_tail, x, kernel)
-    monkeypatch.setattr(conv, "ONE_BUFFER_POINTWISE_GRADIENT", False)
-    assert conditionals(grad_program, x, kernel) == 0
-    for a, b in zip(with_buffer, gradients(bottleneck_tail, x, kernel), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
-
-
 def norm_relu_conv(x, kernel):
     # ResNet's pattern: BatchNorm-like normalisation and a ReLU feeding a 3x3 convolution
     y = jax.nn.relu((x - x.mean((0, 1, 2))) / jnp.sqrt(x.var((0, 1, 2)) + 1e-5))
@@ -148,15 +134,26 @@ def norm_relu_conv(x, kernel):
     return jnp.sum(y * jnp.arange(y.shape[-1]))
 
 
-def test_xla_convolution_saves_its_input_as_one_buffer(monkeypatch):
+@pytest.mark.parametrize(
+    "pattern, kernel_shape, switch",
+    [
+        # a 1x1 convolution computes its output's gradient once
+        (bottleneck_tail, (1, 1, 8, 16), "ONE_BUFFER_POINTWISE_GRADIENT"),
+        # XLA's own (3x3) convolution keeps its input for the backward pass
+        (norm_relu_conv, (3, 3, 8, 4), "ONE_BUFFER_CONV_INPUT"),
+    ],
+)
+def test_backward_buffers_change_the_program_not_the_gradients(
+    pattern, kernel_shape, switch, monkeypatch
+):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 8))
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 4))
-    grad_program = jax.grad(norm_relu_conv, argnums=(0, 1))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), kernel_shape)
+    grad_program = jax.grad(pattern, argnums=(0, 1))
     assert jax.default_backend() == "cpu"
     assert conditionals(grad_program, x, kernel) == 1  # kept by XLA:CPU's optimisations
-    assert conditionals(norm_relu_conv, x, kernel) == 0  # inference is untouched
-    with_buffer = gradients(norm_relu_conv, x, kernel)
-    monkeypatch.setattr(conv, "ONE_BUFFER_CONV_INPUT", False)
+    assert conditionals(pattern, x, kernel) == 0  # the forward pass (inference) is untouched
+    with_buffer = gradients(pattern, x, kernel)
+    monkeypatch.setattr(conv, switch, False)
     assert conditionals(grad_program, x, kernel) == 0
-    for a, b in zip(with_buffer, gradients(norm_relu_conv, x, kernel), strict=True):
+    for a, b in zip(with_buffer, gradients(pattern, x, kernel), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
