@@ -101,9 +101,10 @@ class BatchNorm(nn.BatchNorm):
     is written by hand on CPU (`batch_norm_train`): JAX's derivative of flax's normalisation
     reached XLA:CPU as more reductions and elementwise passes than the two reductions and one
     pass the textbook gradient needs. Alone, fwd+bwd with a ReLU (2-core Zen4): 16x112x112x32
-    13.3 -> 10.1 ms, 16x56x56x256 32.4 -> 22.5 ms. Train step, both compiled in one process,
-    10 alternating rounds: efficientnet_b0 16.43 -> 16.73 img/s, resnet50 5.17 -> 5.28,
-    resnet18-CIFAR 47.3 -> 48.1 (8 rounds): small, in every model the same way. Elsewhere
+    13.3 -> 10.1 ms, 16x56x56x256 32.4 -> 22.5 ms. Train step with a prototype of this code
+    and without, both compiled in one process, 10 alternating rounds: efficientnet_b0
+    16.43 -> 16.73 img/s, resnet50 5.17 -> 5.28, resnet18-CIFAR 47.3 -> 48.1 (8 rounds):
+    small, in every model the same way. Elsewhere
     (evaluation, other backends or dtypes, cross-device statistics under pmap, masks, other
     axes) it is flax's own.
     """
