@@ -151,7 +151,7 @@ def test_freed_memory_is_reused_without_page_faults():
     # dynamic mmap threshold, 32 MiB) and every 4 KiB page of it faults in again (16384); with
     # them the freed block stays in the heap and the next one reuses it. This probes glibc
     # directly: through XLA, other allocations between steps sometimes split the freed block
-    # and the heap grows instead (README, Speed: resnet50 on a 2-core Zen4, 1 step in 8).
+    # and the heap grows instead (README, Speed: ~3x one block on a 2-core Zen4).
     assert backend.keep_freed_memory() is True
     kept = run_script(FAULT_PROBE)
     assert kept["kept"] is True and max(kept["faults"][2:]) < 2000, kept
