@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import zoo
@@ -138,6 +139,35 @@ def test_model_runs_train_and_eval(name):
         variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)}, mutable=["batch_stats"]
     )
     assert out.shape == (2, 7) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_resnet_block_outputs_are_buffers_with_the_same_values(monkeypatch):
+    from zoo.models import resnet
+
+    model = zoo.create_model("resnet8", num_classes=5)  # 3 residual blocks
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+
+    def loss(params):
+        out, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out * jnp.arange(5))
+
+    def run():  # traced afresh: the switch is read when tracing
+        forward = jax.jit(lambda v: model.apply(v, x, train=False))
+        conditionals = forward.lower(variables).compile().as_text().count(" conditional(")
+        return conditionals, forward(variables), jax.jit(jax.grad(loss))(variables["params"])
+
+    assert jax.default_backend() == "cpu"
+    conditionals, logits, grads = run()
+    assert conditionals == 3  # one per block, kept by XLA:CPU's optimisations
+    monkeypatch.setattr(resnet, "ONE_BUFFER_BLOCK_OUTPUT", False)
+    plain_conditionals, plain_logits, plain_grads = run()
+    assert plain_conditionals == 0
+    np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet20"])
