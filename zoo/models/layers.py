@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 
 from zoo import backend
-from zoo.models.conv import Conv, gradient_computed_once, shifted_windows
+from zoo.models.conv import Conv, dense_dot_general, gradient_computed_once, shifted_windows
 
 MATERIALIZE_BLOCK_GRADIENTS = True  # False (before tracing): `block_input` is a plain identity
 
@@ -233,7 +233,7 @@ class Mlp(nn.Module):
         out_features = self.out_features or x.shape[-1]
         x = self.act(nn.Dense(self.hidden_features, name="fc1", **kw)(x))
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        x = nn.Dense(out_features, name="fc2", **kw)(x)
+        x = nn.Dense(out_features, name="fc2", dot_general=dense_dot_general, **kw)(x)
         return nn.Dropout(self.drop_rate)(x, deterministic=not train)
 
 
