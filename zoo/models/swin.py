@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
-from zoo.models.conv import gradient_computed_once, value_computed_once
+from zoo.models.conv import dense_dot_general, gradient_computed_once, value_computed_once
 from zoo.models.layers import (
     Attention,
     DropPath,
@@ -171,6 +171,7 @@ class PatchMerging(nn.Module):
             name="reduction",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            dot_general=dense_dot_general,  # 4C -> 2C: a narrowing layer
         )(x)
 
 
