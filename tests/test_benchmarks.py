@@ -95,6 +95,7 @@ def test_compare_switches_parse_flip_and_reject_with_the_list():
     with pytest.raises(ValueError, match="Did you mean layers.ATTENTION_VJP") as error:
         throughput.parse_switches(["layers.ATENTION_VJP"])
     assert "conv.ONE_BUFFER_POINTWISE_GRADIENT" in str(error.value)  # the whole list
+    assert "resnet.ONE_BUFFER_BLOCK_OUTPUT" in str(error.value)
     with pytest.raises(ValueError, match="use true or false"):
         throughput.parse_switches(["layers.ATTENTION_VJP=maybe"])
     with pytest.raises(ValueError, match="conv.IMPLEMENTATION=auto"):
