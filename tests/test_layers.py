@@ -178,6 +178,42 @@ def test_batch_norm_is_flaxs(train):
         assert not np.allclose(ours_updates["batch_stats"]["mean"], stats["mean"])
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 12), (2, 3, 4, 8)])
+def test_layer_norm_is_flaxs(shape, monkeypatch):
+    assert jax.default_backend() == "cpu"  # the hand-written gradient
+    x = 4 * jax.random.normal(jax.random.PRNGKey(0), shape) + 3
+    weights = jax.random.normal(jax.random.PRNGKey(1), shape)
+    ours = layers.layer_norm(1e-5)
+    theirs = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False)
+    features = shape[-1]
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == {
+        "params": {"scale": (features,), "bias": (features,)}
+    }
+    params = {
+        "scale": 1 + jax.random.normal(jax.random.PRNGKey(3), (features,)),
+        "bias": jax.random.normal(jax.random.PRNGKey(4), (features,)),
+    }
+
+    def loss(module, params, x):
+        y = module.apply({"params": params}, x)
+        return jnp.sum(jnp.tanh(y) * weights), y
+
+    ours_grad = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1), has_aux=True))
+    (ours_grads, ours_y) = ours_grad(params, x)
+    theirs_grads, theirs_y = jax.grad(lambda p, x: loss(theirs, p, x), (0, 1), has_aux=True)(
+        params, x
+    )
+    np.testing.assert_allclose(ours_y, theirs_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(theirs_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+    assert "custom_vjp" in str(jax.make_jaxpr(lambda p: loss(ours, p, x)[0])(params))
+    # bfloat16 and the switch off are flax's own
+    bf16 = str(jax.make_jaxpr(lambda p: loss(ours, p, x.astype(jnp.bfloat16))[0])(params))
+    assert "custom_vjp" not in bf16
+    monkeypatch.setattr(layers, "LAYER_NORM_VJP", False)
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda p: loss(ours, p, x)[0])(params))
+
+
 def test_batch_norm_statistics_gradients_are_flaxs():
     # the statistics' cotangents (zero in a train step) are not dropped
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 5))

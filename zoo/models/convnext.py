@@ -30,7 +30,7 @@ import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import DropPath, LayerScale, Mlp, global_avg_pool
+from zoo.models.layers import DropPath, LayerNorm, LayerScale, Mlp, global_avg_pool
 from zoo.models.pretrained import torch_to_flax
 
 # timm initialises every conv and linear weight with trunc_normal(std=0.02), biases with 0.
@@ -146,7 +146,7 @@ class ConvNeXt(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # Two-pass variance (torch's): E[x^2] - E[x]^2 loses digits on large activations.
         norm = functools.partial(
-            nn.LayerNorm, epsilon=self.norm_epsilon, use_fast_variance=False, **kw
+            LayerNorm, epsilon=self.norm_epsilon, use_fast_variance=False, **kw
         )
         x = x.astype(self.dtype)
         p = self.patch_size
