@@ -88,6 +88,21 @@ def _batch_norm_backward(epsilon, residuals, cotangents):
     return grad_x, grad_scale, grad_bias
 
 
+def _hand_written_applies(norm: nn.Module, x: jax.Array, mask) -> bool:
+    """What `BatchNorm` and `LayerNorm` need for their hand-written gradient: applied (not
+    initialised) on CPU, float32 throughout, scale and bias, no mask, no cross-device
+    statistics. Otherwise they are flax's own."""
+    return not (
+        norm.is_initializing()
+        or jax.default_backend() != "cpu"
+        or mask is not None
+        or norm.axis_name is not None
+        or not (norm.use_scale and norm.use_bias)
+        or {x.dtype, jnp.dtype(norm.param_dtype), jnp.dtype(norm.dtype or x.dtype)}
+        != {jnp.dtype(jnp.float32)}
+    )
+
+
 # epsilon is static: nondiff_argnums.
 batch_norm_train = jax.custom_vjp(
     lambda x, scale, bias, epsilon: _batch_norm_forward(x, scale, bias, epsilon)[0],
@@ -116,14 +131,9 @@ class BatchNorm(nn.BatchNorm):
         )
         plain = (
             running
-            or self.is_initializing()
-            or jax.default_backend() != "cpu"
-            or mask is not None
-            or self.axis_name is not None
+            or not _hand_written_applies(self, x, mask)
             or self.axis not in (-1, x.ndim - 1)
-            or not (self.use_scale and self.use_bias and self.use_fast_variance)
-            or {x.dtype, jnp.dtype(self.param_dtype), jnp.dtype(self.dtype or x.dtype)}
-            != {jnp.dtype(jnp.float32)}
+            or not self.use_fast_variance
         )
         if plain:
             return super().__call__(x, use_running_average, mask=mask)
@@ -185,18 +195,13 @@ class LayerNorm(nn.LayerNorm):
 
     @nn.compact
     def __call__(self, x, *, mask=None):
+        last_axis = (-1, x.ndim - 1, (-1,), (x.ndim - 1,))
         plain = (
             not LAYER_NORM_VJP
-            or self.is_initializing()
-            or jax.default_backend() != "cpu"
-            or mask is not None
-            or self.axis_name is not None
-            or self.reduction_axes not in (-1, x.ndim - 1, (-1,), (x.ndim - 1,))
-            or self.feature_axes not in (-1, x.ndim - 1, (-1,), (x.ndim - 1,))
+            or not _hand_written_applies(self, x, mask)
+            or self.reduction_axes not in last_axis
+            or self.feature_axes not in last_axis
             or self.use_fast_variance
-            or not (self.use_scale and self.use_bias)
-            or {x.dtype, jnp.dtype(self.param_dtype), jnp.dtype(self.dtype or x.dtype)}
-            != {jnp.dtype(jnp.float32)}
         )
         if plain:
             return super().__call__(x, mask=mask)
