@@ -135,6 +135,51 @@ def test_attention_gradients_are_plain_batched_matmuls(monkeypatch, flag, transp
     assert hlo.count("lhs_batch_dims={0,1}, lhs_contracting_dims={2}") == transposed_left_dots
 
 
+def count_dots(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+def test_attention_inference_in_slices_equals_the_whole(monkeypatch):
+    keys = jax.random.split(jax.random.PRNGKey(0), 6)
+    q, k, v, weights = (jax.random.normal(key, (8, 3, 10, 8)) for key in keys[:4])
+    rel = jax.random.normal(keys[4], (3, 10, 10))  # no batch axis: every slice gets it whole
+    mask = jnp.where(jax.random.uniform(keys[5], (8, 1, 10, 10)) > 0.7, -100.0, 0.0)
+    args = (q, k, v, rel, mask, weights)
+    grad = jax.grad(attention_loss, argnums=(0, 1, 2, 3))
+
+    def run(chunks):  # the switches are read when tracing: trace afresh
+        monkeypatch.setattr(layers, "ATTENTION_CHUNKS", chunks)
+        monkeypatch.setattr(layers, "MIN_CHUNK_FLOPS", 1)
+        jax.clear_caches()
+        return (
+            layers._chunks(q),
+            count_dots(attention_loss, *args),
+            count_dots(grad, *args),
+            jax.jit(attention_loss)(*args),
+            jax.jit(grad)(*args),
+        )
+
+    slices, dots, grad_dots, value, grads = run(4)
+    whole_slices, whole_dots, whole_grad_dots, whole_value, whole_grads = run(1)
+    assert (slices, whole_slices) == (4, 1)
+    assert (dots, whole_dots) == (8, 2)  # q k^T and P v per slice
+    assert grad_dots == whole_grad_dots == 6  # under differentiation: whole, as before
+    np.testing.assert_allclose(value, whole_value, rtol=1e-6)
+    for a, b in zip(grads, whole_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_slices_divide_the_batch_and_carry_enough_work(monkeypatch):
+    monkeypatch.setattr(layers, "ATTENTION_CHUNKS", 16)
+    monkeypatch.setattr(layers, "MIN_CHUNK_FLOPS", 8_000_000)
+    assert layers._chunks(jnp.zeros((64, 6, 197, 64))) == 16  # vit_small, batch 64
+    assert layers._chunks(jnp.zeros((12, 6, 197, 64))) == 12  # 16 does not divide 12
+    assert layers._chunks(jnp.zeros((7, 6, 197, 64))) == 7
+    assert layers._chunks(jnp.zeros((1, 6, 197, 64))) == 1  # one image: nothing to slice
+    # Swin's first stage at batch 2 (128 windows): 59 MFLOP, at most 7 slices; 4 divides 128
+    assert layers._chunks(jnp.zeros((128, 3, 49, 32))) == 4
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_batch_norm_is_flaxs(train):
     assert jax.default_backend() == "cpu"  # the hand-written training path
