@@ -139,7 +139,7 @@ def count_dots(fn, *args) -> int:
     return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
 
 
-def test_attention_inference_in_slices_equals_the_whole(monkeypatch):
+def test_attention_in_slices_of_the_batch_equals_the_whole(monkeypatch):
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
     q, k, v, weights = (jax.random.normal(key, (8, 3, 10, 8)) for key in keys[:4])
     rel = jax.random.normal(keys[4], (3, 10, 10))  # no batch axis: every slice gets it whole
@@ -147,37 +147,46 @@ def test_attention_inference_in_slices_equals_the_whole(monkeypatch):
     args = (q, k, v, rel, mask, weights)
     grad = jax.grad(attention_loss, argnums=(0, 1, 2, 3))
 
-    def run(chunks):  # the switches are read when tracing: trace afresh
-        monkeypatch.setattr(layers, "ATTENTION_CHUNKS", chunks)
-        monkeypatch.setattr(layers, "MIN_CHUNK_FLOPS", 1)
+    def run(slices, grad_slices):  # the switches are read when tracing: trace afresh
+        monkeypatch.setattr(layers, "ATTENTION_SLICES", slices)
+        monkeypatch.setattr(layers, "ATTENTION_GRAD_SLICES", grad_slices)
+        monkeypatch.setattr(layers, "MIN_SLICE_FLOPS", 1)
         jax.clear_caches()
         return (
-            layers._chunks(q),
             count_dots(attention_loss, *args),
             count_dots(grad, *args),
             jax.jit(attention_loss)(*args),
             jax.jit(grad)(*args),
         )
 
-    slices, dots, grad_dots, value, grads = run(4)
-    whole_slices, whole_dots, whole_grad_dots, whole_value, whole_grads = run(1)
-    assert (slices, whole_slices) == (4, 1)
+    dots, grad_dots, value, grads = run(4, 2)
+    whole_dots, whole_grad_dots, whole_value, whole_grads = run(1, 1)
     assert (dots, whole_dots) == (8, 2)  # q k^T and P v per slice
-    assert grad_dots == whole_grad_dots == 6  # under differentiation: whole, as before
+    # Under differentiation the forward pass stays whole (2 dots); the backward has 4 per slice.
+    assert (grad_dots, whole_grad_dots) == (2 + 4 * 2, 2 + 4)
     np.testing.assert_allclose(value, whole_value, rtol=1e-6)
     for a, b in zip(grads, whole_grads, strict=True):
+        assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_attention_slices_divide_the_batch_and_carry_enough_work(monkeypatch):
-    monkeypatch.setattr(layers, "ATTENTION_CHUNKS", 16)
-    monkeypatch.setattr(layers, "MIN_CHUNK_FLOPS", 8_000_000)
-    assert layers._chunks(jnp.zeros((64, 6, 197, 64))) == 16  # vit_small, batch 64
-    assert layers._chunks(jnp.zeros((12, 6, 197, 64))) == 12  # 16 does not divide 12
-    assert layers._chunks(jnp.zeros((7, 6, 197, 64))) == 7
-    assert layers._chunks(jnp.zeros((1, 6, 197, 64))) == 1  # one image: nothing to slice
+    monkeypatch.setattr(layers, "MIN_SLICE_FLOPS", 8_000_000)
+
+    def count(shape, most=16):
+        parts = layers._slices(jnp.zeros(shape), most)
+        assert [p.stop - p.start for p in parts] == [shape[0] // len(parts)] * len(parts)
+        assert parts[-1].stop == shape[0]
+        return len(parts)
+
+    assert count((64, 6, 197, 64)) == 16  # vit_small, batch 64
+    assert count((16, 6, 197, 64), most=8) == 8
+    assert count((12, 6, 197, 64)) == 12  # 16 does not divide 12
+    assert count((7, 6, 197, 64)) == 7
+    assert count((1, 6, 197, 64)) == 1  # one image: nothing to slice
     # Swin's first stage at batch 2 (128 windows): 59 MFLOP, at most 7 slices; 4 divides 128
-    assert layers._chunks(jnp.zeros((128, 3, 49, 32))) == 4
+    assert count((128, 3, 49, 32)) == 4
+    assert count((8, 3, 10, 8)) == 1  # 19 kFLOP: whole
 
 
 @pytest.mark.parametrize("train", [True, False])

@@ -449,33 +449,55 @@ def _attention_backward(residuals, grad):
     return grad_q, grad_k, grad_v, grad_biases
 
 
-def _chunks(q: jax.Array) -> int:
-    """How many slices of the batch `_attention_in_chunks` computes apart: at most
-    `ATTENTION_CHUNKS`, each with at least `MIN_CHUNK_FLOPS` in its q k^T, dividing the batch."""
+def _slices(q: jax.Array, most: int) -> list[slice]:
+    """Up to `most` equal slices of the batch, each with at least `MIN_SLICE_FLOPS` in its
+    q k^T (one slice, the whole batch, for small work)."""
     batch, heads, tokens, head_dim = q.shape
     flops = 2 * batch * heads * tokens * tokens * head_dim
-    most = max(1, min(ATTENTION_CHUNKS, batch, flops // MIN_CHUNK_FLOPS))
-    return max(c for c in range(1, most + 1) if batch % c == 0)
+    most = max(1, min(most, batch, flops // MIN_SLICE_FLOPS))
+    size = batch // max(n for n in range(1, most + 1) if batch % n == 0)
+    return [slice(start, start + size) for start in range(0, batch, size)]
 
 
-def _attention_in_chunks(q, k, v, biases):
-    """`_attention`'s output, computed for `_chunks(q)` slices of the batch apart."""
-    batch, chunks = q.shape[0], _chunks(q)
-    if chunks == 1:
+def _has_batch_axis(bias: jax.Array, batch: int) -> bool:
+    return bias.ndim == 4 and bias.shape[0] == batch
+
+
+def _sliced(biases, part: slice, batch: int) -> tuple:
+    """The biases for one slice of the batch: a bias with a batch axis is sliced too."""
+    return tuple(b[part] if _has_batch_axis(b, batch) else b for b in biases)
+
+
+def _attention_in_slices(q, k, v, biases):
+    parts = _slices(q, ATTENTION_SLICES)
+    if len(parts) == 1:
         return _attention(q, k, v, biases)[0]
-    size = batch // chunks
-    outs = []
-    for start in range(0, batch, size):
-        part = slice(start, start + size)
-        part_biases = tuple(b[part] if b.ndim == 4 and b.shape[0] == batch else b for b in biases)
-        outs.append(_attention(q[part], k[part], v[part], part_biases)[0])
-    return jnp.concatenate(outs)
+    batch = q.shape[0]
+    return jnp.concatenate(
+        [_attention(q[p], k[p], v[p], _sliced(biases, p, batch))[0] for p in parts]
+    )
 
 
-# Outside differentiation (inference) the output is computed in slices of the batch; under
-# differentiation `_attention_forward` computes it whole (the training step lost with slices).
-_attention_with_vjp = jax.custom_vjp(_attention_in_chunks)
-_attention_with_vjp.defvjp(_attention_forward, _attention_backward)
+def _attention_backward_in_slices(residuals, grad):
+    q, k, v, weights, biases = residuals
+    parts = _slices(q, ATTENTION_GRAD_SLICES)
+    if len(parts) == 1:
+        return _attention_backward(residuals, grad)
+    batch = q.shape[0]
+    grads = [
+        _attention_backward((q[p], k[p], v[p], weights[p], _sliced(biases, p, batch)), grad[p])
+        for p in parts
+    ]
+    grad_q, grad_k, grad_v = (jnp.concatenate([g[i] for g in grads]) for i in range(3))
+    grad_biases = []
+    for i, b in enumerate(biases):  # a bias with a batch axis was sliced; others were shared
+        parts = [g[3][i] for g in grads]
+        grad_biases.append(jnp.concatenate(parts) if _has_batch_axis(b, batch) else sum(parts))
+    return grad_q, grad_k, grad_v, tuple(grad_biases)
+
+
+_attention_with_vjp = jax.custom_vjp(_attention_in_slices)
+_attention_with_vjp.defvjp(_attention_forward, _attention_backward_in_slices)
 # XLA:CPU computes the gradients P^T dO (values) and dS^T Q (keys) of JAX's own derivative as
 # batched matmuls whose left operand is transposed, which YNNPACK refuses; Eigen runs them at
 # a few GFLOP/s at window shapes (swin_tiny's first stage, [1024 x 3] 49x49 @ 49x32: 112 ms
@@ -486,12 +508,15 @@ ATTENTION_VJP = True  # False (before tracing): JAX differentiates the attention
 # XLA:CPU hands each batched matmul of attention to YNNPACK, which runs the batch elements one
 # after another, each (197 x 197 at vit_small, 49 x 49 in Swin's windows) as one tile: one
 # core. XLA's thunk executor runs independent operations side by side only once more than 8
-# are ready at the same time, so inference computes attention for up to 16 slices of the
-# batch apart (q k^T of a slice at least 8 MFLOP). Inference per round: vit_small (batch 64)
-# 1.058x, swin_tiny 1.044x (4 of 4 rounds each). Training lost (vit_small 0.953x at 16
-# slices, 1.005x at 8): the gradient keeps one batched matmul per product.
-ATTENTION_CHUNKS = 16  # 1 (before tracing): one batched matmul per product
-MIN_CHUNK_FLOPS = 8_000_000
+# are ready at the same time. So attention outside differentiation (inference) is computed
+# for up to 16 slices of the batch apart, and its gradient for up to 8; the forward pass of a
+# train step stays whole. Per round, 2-core Zen4: inference at batch 64, vit_small 1.058x,
+# swin_tiny 1.044x (4 of 4 rounds each); vit_small's train step at batch 16 1.034x, 1.067x,
+# 1.037x in three runs (4 of 5, 5 of 8, 6 of 8), swin_tiny's 1.007x (3 of 6). 16 slices for
+# the gradient lost (vit_small 0.977x), as did slicing the train step's forward pass (0.953x).
+ATTENTION_SLICES = 16  # 1 (before tracing): one batched matmul per product
+ATTENTION_GRAD_SLICES = 8  # 1 (before tracing): the same for the gradient
+MIN_SLICE_FLOPS = 8_000_000
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, biases=()) -> jax.Array:
