@@ -268,23 +268,24 @@ def timm_runner(
 
 
 # The speed switches of zoo.models: module-level settings read when a model is traced
-# (bools such as layers.ATTENTION_VJP, conv.IMPLEMENTATION "auto" / "xla").
+# (bools such as layers.ATTENTION_VJP, conv.IMPLEMENTATION "auto" / "xla", numbers such as
+# layers.ATTENTION_SLICES).
 SWITCH_MODULES = {name: f"zoo.models.{name}" for name in ("conv", "layers", "resnet", "swin")}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
-def available_switches() -> dict[str, bool | str]:
+def available_switches() -> dict[str, bool | int | str]:
     """`module.NAME` -> current value of every switch in SWITCH_MODULES (conv, layers, resnet,
     swin)."""
     found = {}
     for short, path in SWITCH_MODULES.items():
         for name, value in vars(importlib.import_module(path)).items():
-            if name.isupper() and isinstance(value, bool | str):
+            if name.isupper() and isinstance(value, bool | int | str):
                 found[f"{short}.{name}"] = value
     return found
 
 
-def parse_switches(specs: list[str]) -> dict[str, bool | str]:
+def parse_switches(specs: list[str]) -> dict[str, bool | int | str]:
     """`module.NAME` (a bool, flipped) or `module.NAME=value` -> {module.NAME: value}; an
     unknown name or a value of the wrong kind is a ValueError that lists what exists."""
     current = available_switches()
@@ -304,6 +305,13 @@ def parse_switches(specs: list[str]) -> dict[str, bool | str]:
             settings[name] = text.lower() in TRUE_WORDS if has_value else not value
         elif not has_value:
             raise ValueError(f"--compare: {name} takes a value, e.g. {name}={value}")
+        elif isinstance(value, int):
+            try:
+                settings[name] = int(text)
+            except ValueError:
+                raise ValueError(
+                    f"--compare: {name} is a whole number; got {text!r} (e.g. {name}={value})"
+                ) from None
         else:
             settings[name] = text
     return settings
@@ -316,7 +324,7 @@ def _switch_home(name: str):
 
 
 @contextlib.contextmanager
-def switched(settings: dict[str, bool | str]):
+def switched(settings: dict[str, bool | int | str]):
     """Sets the switches for the block (models traced in it see them), then restores them."""
     before = {name: getattr(*_switch_home(name)) for name in settings}
     try:
@@ -562,7 +570,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=[],
         metavar="SWITCH[=VALUE]",
         help="also time zoo with these zoo.models switches set (a bool alone: flipped), e.g. "
-        "layers.ATTENTION_VJP conv.IMPLEMENTATION=xla; compiled in the same process and "
+        "layers.ATTENTION_VJP conv.IMPLEMENTATION=xla layers.ATTENTION_SLICES=1; compiled in "
+        "the same process and "
         "interleaved with the others",
     )
     parser.add_argument("--out", default="", help="write the rows as JSON here")

@@ -100,6 +100,11 @@ def test_compare_switches_parse_flip_and_reject_with_the_list():
         throughput.parse_switches(["layers.ATTENTION_VJP=maybe"])
     with pytest.raises(ValueError, match="conv.IMPLEMENTATION=auto"):
         throughput.parse_switches(["conv.IMPLEMENTATION"])
+    assert throughput.parse_switches(["layers.ATTENTION_SLICES=1"]) == {
+        "layers.ATTENTION_SLICES": 1
+    }
+    with pytest.raises(ValueError, match="whole number"):
+        throughput.parse_switches(["layers.ATTENTION_SLICES=many"])
 
 
 def test_switched_sets_for_the_block_and_restores_after_an_error():

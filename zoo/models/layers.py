@@ -491,8 +491,8 @@ def _attention_backward_in_slices(residuals, grad):
     grad_q, grad_k, grad_v = (jnp.concatenate([g[i] for g in grads]) for i in range(3))
     grad_biases = []
     for i, b in enumerate(biases):  # a bias with a batch axis was sliced; others were shared
-        parts = [g[3][i] for g in grads]
-        grad_biases.append(jnp.concatenate(parts) if _has_batch_axis(b, batch) else sum(parts))
+        pieces = [g[3][i] for g in grads]
+        grad_biases.append(jnp.concatenate(pieces) if _has_batch_axis(b, batch) else sum(pieces))
     return grad_q, grad_k, grad_v, tuple(grad_biases)
 
 
