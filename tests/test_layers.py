@@ -147,6 +147,8 @@ def test_attention_in_slices_of_the_batch_equals_the_whole(monkeypatch):
     args = (q, k, v, rel, mask, weights)
     grad = jax.grad(attention_loss, argnums=(0, 1, 2, 3))
 
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # conftest forces 8 host devices
+
     def run(slices, grad_slices):  # the switches are read when tracing: trace afresh
         monkeypatch.setattr(layers, "ATTENTION_SLICES", slices)
         monkeypatch.setattr(layers, "ATTENTION_GRAD_SLICES", grad_slices)
@@ -172,6 +174,7 @@ def test_attention_in_slices_of_the_batch_equals_the_whole(monkeypatch):
 
 def test_attention_slices_divide_the_batch_and_carry_enough_work(monkeypatch):
     monkeypatch.setattr(layers, "MIN_SLICE_FLOPS", 8_000_000)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
 
     def count(shape, most=16):
         parts = layers._slices(jnp.zeros(shape), most)
@@ -187,6 +190,18 @@ def test_attention_slices_divide_the_batch_and_carry_enough_work(monkeypatch):
     # Swin's first stage at batch 2 (128 windows): 59 MFLOP, at most 7 slices; 4 divides 128
     assert count((128, 3, 49, 32)) == 4
     assert count((8, 3, 10, 8)) == 1  # 19 kFLOP: whole
+
+
+def test_attention_over_a_batch_sharded_on_8_devices_stays_whole():
+    # Slices of a sharded batch cut across shards: XLA moved them between devices.
+    assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
+    mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    q = jax.device_put(jnp.ones((64, 6, 197, 64)), batch)  # vit_small: 16 slices on one device
+    assert len(layers._slices(q, layers.ATTENTION_SLICES)) == 1
+    attend = jax.jit(lambda q: layers.dot_product_attention(q, q, q), out_shardings=batch)
+    hlo = attend.lower(q).compile().as_text()
+    assert hlo.count("collective-permute") == hlo.count("all-to-all") == 0
 
 
 @pytest.mark.parametrize("train", [True, False])

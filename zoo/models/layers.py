@@ -451,10 +451,14 @@ def _attention_backward(residuals, grad):
 
 def _slices(q: jax.Array, most: int) -> list[slice]:
     """Up to `most` equal slices of the batch, each with at least `MIN_SLICE_FLOPS` in its
-    q k^T (one slice, the whole batch, for small work)."""
+    q k^T. One slice, the whole batch, for small work, and when the process has more than one
+    device: a batch sharded over devices (`jax.jit` over a mesh) would be cut across shards,
+    and XLA moved the slices between devices (collective-permutes and all-to-alls)."""
     batch, heads, tokens, head_dim = q.shape
     flops = 2 * batch * heads * tokens * tokens * head_dim
     most = max(1, min(most, batch, flops // MIN_SLICE_FLOPS))
+    if jax.device_count() > 1:
+        most = 1
     size = batch // max(n for n in range(1, most + 1) if batch % n == 0)
     return [slice(start, start + size) for start in range(0, batch, size)]
 
