@@ -98,11 +98,18 @@ def reductions_in_ynnpack(options):
     called = re.findall(r"ynn_fusion[\\w.]* = .*?calls=%?([\\w.-]+)", hlo)
     return sum(" reduce(" in bodies.get(name, "") for name in called)
 
+def windowed_reductions(options):  # over 384 features, as vit_small's LayerNorm
+    args = jnp.ones((256, 384)), jnp.ones((384, 128))
+    hlo = jax.jit(layer_norm_dense, compiler_options=options).lower(*args).compile().as_text()
+    return hlo.count("reduce-window(")
+
 options = backend.forward_compiler_options()
 print("RESULT " + json.dumps({
     "options": options,
     "default": reductions_in_ynnpack({}),
     "forward": reductions_in_ynnpack(options),
+    "windows_left_in": windowed_reductions({backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE}),
+    "forward_windows": windowed_reductions(options),
 }))
 """
 
@@ -115,8 +122,16 @@ def test_forward_programs_keep_reductions_out_of_ynnpack():
     # zoo's flag: training programs hand reductions (here the LayerNorm's) to YNNPACK, zoo's
     # forward-only programs (compiled with forward_compiler_options) leave them to XLA.
     out = forward_probe()
-    assert out["options"] == {backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE}
+    assert out["options"] == {
+        backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE,
+        backend.DISABLE_PASSES_OPTION: backend.FORWARD_DISABLED_PASSES,
+    }
     assert out["default"] >= 1 and out["forward"] == 0
+    # and their reductions are single passes, not sums over windows of 32 and then of those
+    assert out["windows_left_in"] >= 1 and out["forward_windows"] == 0
+    # passes the user disables themselves are left alone
+    theirs = forward_probe(XLA_FLAGS="--xla_disable_hlo_passes=algsimp")["options"]
+    assert theirs == {backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE}
     # the opt-out and a user's own flag: no per-program options, the process setting rules
     assert forward_probe(**{backend.OPT_OUT: "0"})["options"] == {}
     own = forward_probe(XLA_FLAGS=f"{backend.YNN_FLAG}=individual_dot,individual_convolution")
