@@ -571,8 +571,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         metavar="SWITCH[=VALUE]",
         help="also time zoo with these zoo.models switches set (a bool alone: flipped), e.g. "
         "layers.ATTENTION_VJP conv.IMPLEMENTATION=xla layers.ATTENTION_SLICES=1; compiled in "
-        "the same process and "
-        "interleaved with the others",
+        "the same process and interleaved with the others",
     )
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     parser.add_argument(
