@@ -102,7 +102,8 @@ def test_gelu_exact_matches_float64_erf_reference_and_flax():
 
 
 def attention_loss(q, k, v, rel, mask, weights):
-    return jnp.sum(layers.dot_product_attention(q, k, v, (rel, mask)) * weights)
+    qkv = jnp.stack([q, k, v])  # as the qkv projection returns it; q's scale applied inside
+    return jnp.sum(layers.qkv_attention(qkv, 0.5, (rel, mask)) * weights)
 
 
 def test_attention_backward_equals_jaxs_derivative(monkeypatch):
@@ -133,6 +134,14 @@ def test_attention_gradients_are_plain_batched_matmuls(monkeypatch, flag, transp
     grad = jax.grad(lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v) ** 2), (0, 1, 2))
     hlo = jax.jit(grad).lower(x, x, x).compile().as_text()
     assert hlo.count("lhs_batch_dims={0,1}, lhs_contracting_dims={2}") == transposed_left_dots
+
+
+@pytest.mark.parametrize("flag, pads", [(True, 0), (False, 3)])
+def test_qkv_gradient_is_one_stack(monkeypatch, flag, pads):
+    # JAX's cotangent of qkv[0], qkv[1], qkv[2] is three zero-padded copies of qkv summed.
+    monkeypatch.setattr(layers, "ATTENTION_VJP", flag)
+    grad = jax.grad(lambda qkv: jnp.sum(layers.qkv_attention(qkv, 0.125) ** 2))
+    assert str(jax.make_jaxpr(grad)(jnp.ones((3, 2, 3, 10, 8)))).count(" pad[") == pads
 
 
 def count_dots(fn, *args) -> int:

@@ -433,11 +433,6 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x.sum(axes, keepdims=True)
 
 
-def _attention_forward(q, k, v, biases):
-    out, weights = _attention(q, k, v, biases)
-    return out, (q, k, v, weights, biases)
-
-
 def _attention_backward(residuals, grad):
     q, k, v, weights, biases = residuals
     grad_v = jnp.einsum("bhkq,bhqd->bhkd", _transposed(weights).astype(v.dtype), grad)
@@ -500,14 +495,35 @@ def _attention_backward_in_slices(residuals, grad):
     return grad_q, grad_k, grad_v, tuple(grad_biases)
 
 
-_attention_with_vjp = jax.custom_vjp(_attention_in_slices)
-_attention_with_vjp.defvjp(_attention_forward, _attention_backward_in_slices)
+def _qkv_attention(qkv, scale, biases):
+    return _attention_in_slices(qkv[0] * scale, qkv[1], qkv[2], biases)
+
+
+def _qkv_attention_forward(qkv, scale, biases):
+    q = qkv[0] * scale
+    out, weights = _attention(q, qkv[1], qkv[2], biases)
+    return out, (q, qkv[1], qkv[2], weights, biases)
+
+
+def _qkv_attention_backward(scale, residuals, grad):
+    """The gradient of the stacked qkv as one stack of the three (with q's scale), rather than
+    JAX's three zero-padded copies of qkv's shape summed (the cotangents of qkv[0], qkv[1],
+    qkv[2])."""
+    grad_q, grad_k, grad_v, grad_biases = _attention_backward_in_slices(residuals, grad)
+    return jnp.stack([grad_q * scale, grad_k, grad_v]), grad_biases
+
+
+_attention_with_vjp = jax.custom_vjp(_qkv_attention, nondiff_argnums=(1,))
+_attention_with_vjp.defvjp(_qkv_attention_forward, _qkv_attention_backward)
 # XLA:CPU computes the gradients P^T dO (values) and dS^T Q (keys) of JAX's own derivative as
 # batched matmuls whose left operand is transposed, which YNNPACK refuses; Eigen runs them at
 # a few GFLOP/s at window shapes (swin_tiny's first stage, [1024 x 3] 49x49 @ 49x32: 112 ms
 # for 0.47 GFLOP). Train step, both variants compiled in one process and run interleaved:
 # swin_tiny 2.77 -> 2.82 and 2.81 -> 2.94 img/s; vit_small 3.36 -> 3.49 and 3.72 -> 3.60
-# (noise).
+# (noise). It takes the qkv projection's output whole and returns its gradient as one stack
+# (`_qkv_attention_backward`): attention forward + backward alone, vit_small at batch 16
+# 33.8 -> 30.1 ms, swin_tiny's first stage 65.0 -> 53.8 ms; train step per round 1.016x
+# (vit_small, 6 of 8 rounds) and 1.011x (swin_tiny, 5 of 8).
 ATTENTION_VJP = True  # False (before tracing): JAX differentiates the attention itself
 # XLA:CPU hands each batched matmul of attention to YNNPACK, which runs the batch elements one
 # after another, each (197 x 197 at vit_small, 49 x 49 in Swin's windows) as one tile: one
@@ -523,12 +539,18 @@ ATTENTION_GRAD_SLICES = 8  # 1 (before tracing): the same for the gradient
 MIN_SLICE_FLOPS = 8_000_000
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, biases=()) -> jax.Array:
-    """softmax(q k^T + sum(biases)) v for q, k, v [B, heads, N, head_dim] (q already scaled);
-    each bias broadcastable to [B, heads, N, N], float32 (the softmax is float32)."""
+def qkv_attention(qkv: jax.Array, scale: float, biases=()) -> jax.Array:
+    """softmax(scale q k^T + sum(biases)) v for q, k, v = qkv [3, B, heads, N, head_dim] (the
+    qkv projection's output); each bias broadcastable to [B, heads, N, N], float32 (the
+    softmax is float32)."""
     if ATTENTION_VJP and jax.default_backend() == "cpu":
-        return _attention_with_vjp(q, k, v, tuple(biases))
-    return _attention(q, k, v, biases)[0]
+        return _attention_with_vjp(qkv, scale, tuple(biases))
+    return _attention(qkv[0] * scale, qkv[1], qkv[2], biases)[0]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, biases=()) -> jax.Array:
+    """`qkv_attention` of q (already scaled), k, v [B, heads, N, head_dim]."""
+    return qkv_attention(jnp.stack([q, k, v]), 1.0, biases)
 
 
 class Attention(nn.Module):
@@ -576,7 +598,6 @@ class Attention(nn.Module):
             name="qkv",
             **kw,
         )(x)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, head_dim]
         biases = []
         if self.rel_pos_window:
             size = 2 * self.rel_pos_window - 1
@@ -592,13 +613,13 @@ class Attention(nn.Module):
             biases.append(rel_bias.transpose(2, 0, 1).astype(jnp.float32))
         if bias is not None:
             biases.append(bias)
-        q = q * head_dim**-0.5
+        scale = head_dim**-0.5
         if train and self.attn_dropout_rate > 0:
-            weights = attention_weights(q, k, biases).astype(self.dtype)
+            weights = attention_weights(qkv[0] * scale, qkv[1], biases).astype(self.dtype)
             weights = nn.Dropout(self.attn_dropout_rate, deterministic=False)(weights)
-            out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+            out = jnp.einsum("bhqk,bhkd->bhqd", weights, qkv[2])
         else:
-            out = dot_product_attention(q, k, v, tuple(biases))
+            out = qkv_attention(qkv, scale, tuple(biases))
         out = _HeadsDense(dim, "bhnd,hdc->bnc", (heads, head_dim, dim), (dim,), name="proj", **kw)(
             out
         )
