@@ -150,6 +150,7 @@ def test_backward_buffers_change_the_program_not_the_gradients(
     kernel = jax.random.normal(jax.random.PRNGKey(1), kernel_shape)
     grad_program = jax.grad(pattern, argnums=(0, 1))
     assert jax.default_backend() == "cpu"
+    monkeypatch.setattr(conv, "MATMUL_WEIGHT_GRAD", False)  # its buffers: test_matmul_gradients
     assert conditionals(grad_program, x, kernel) == 1  # kept by XLA:CPU's optimisations
     assert conditionals(pattern, x, kernel) == 0  # the forward pass (inference) is untouched
     with_buffer = gradients(pattern, x, kernel)
@@ -160,7 +161,7 @@ def test_backward_buffers_change_the_program_not_the_gradients(
 
 
 @pytest.mark.parametrize("features_in, features_out", [(12, 5), (5, 12)])
-def test_narrowing_matmul_gradients_equal_jax(features_in, features_out, monkeypatch):
+def test_matmul_gradients_equal_jax(features_in, features_out, monkeypatch):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, features_in))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (features_in, features_out))
 
@@ -169,14 +170,14 @@ def test_narrowing_matmul_gradients_equal_jax(features_in, features_out, monkeyp
 
     grad_program = jax.grad(loss, argnums=(0, 1))
     narrowing = features_out < features_in
-    # the transposed gradient and the [O, I] product, each a buffer; widening: JAX's own
-    assert conditionals(grad_program, x, kernel) == (2 if narrowing else 0)
+    # narrowing: grad^T and the [O, I] product, each a buffer; widening: x^T
+    assert conditionals(grad_program, x, kernel) == (2 if narrowing else 1)
     assert conditionals(loss, x, kernel) == 0  # the forward pass is untouched
     ours = gradients(loss, x, kernel)
     dense = nn.Dense(features_out, use_bias=False, dot_general=conv.dense_dot_general)
     via_dense = jax.grad(lambda k: jnp.sum(jnp.sin(dense.apply({"params": {"kernel": k}}, x))))
     dense_grad = via_dense(kernel)  # traced now, with the switch on
-    monkeypatch.setattr(conv, "NARROWING_WEIGHT_GRAD", False)
+    monkeypatch.setattr(conv, "MATMUL_WEIGHT_GRAD", False)
     assert conditionals(grad_program, x, kernel) == 0
     for a, b in zip(ours, gradients(loss, x, kernel), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))

@@ -127,43 +127,50 @@ def _last_axis_matmul(x, kernel):
     return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _narrowing_forward(x, kernel):
+def _matmul_forward(x, kernel):
     return _last_axis_matmul(x, kernel), (x, kernel)
 
 
-def _narrowing_backward(residuals, grad):
-    """grad_x as JAX's; grad_kernel [I, O] as the transpose of grad^T @ x, both as buffers."""
+def _matmul_backward(residuals, grad):
+    """grad_x as JAX's; grad_kernel [I, O] = x^T @ grad as a dot YNNPACK takes: the narrower
+    of x [rows, I] and grad [rows, O] transposed into a buffer first. For a narrowing layer
+    that is grad, so the product is grad^T @ x [O, I], a buffer transposed at the end."""
     x, kernel = residuals
     grad_x = lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
-    grad_t = backend.one_buffer(grad.reshape(-1, grad.shape[-1]).T)  # [O, rows]
-    grad_kernel_t = backend.one_buffer(grad_t @ x.reshape(-1, x.shape[-1]))  # [O, I]
-    return grad_x, grad_kernel_t.T.astype(kernel.dtype)
+    x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+    if kernel.shape[1] < kernel.shape[0]:
+        grad_kernel = backend.one_buffer(backend.one_buffer(grad.T) @ x).T
+    else:
+        grad_kernel = backend.one_buffer(x.T) @ grad
+    return grad_x, grad_kernel.astype(kernel.dtype)
 
 
-narrowing_matmul = jax.custom_vjp(_last_axis_matmul)
-narrowing_matmul.defvjp(_narrowing_forward, _narrowing_backward)
+matmul_with_vjp = jax.custom_vjp(_last_axis_matmul)
+matmul_with_vjp.defvjp(_matmul_forward, _matmul_backward)
 
 # The kernel gradient of x [rows, I] @ kernel [I, O] is x^T @ grad: both operands contracted
 # on their leading (rows) dimension. XLA:CPU hands a dot whose left operand is contracted on
-# its leading dimension to Eigen rather than YNNPACK, and Eigen is slow at a narrow output.
-# For a narrowing layer (O < I) zoo computes the transpose grad^T @ x instead, with grad^T
-# written out as a buffer (YNNPACK takes that dot), and transposes the small [O, I] result,
-# itself a buffer so that XLA does not fold the transpose back into the dot. Alone, minimum
-# of 15 runs (2-core Zen4), rows x I -> O: 50176 x 384 -> 96 35.9 -> 25.6 ms, 50176 x 256 ->
-# 64 19.5 -> 13.2, 3136 x 1536 -> 384 22.7 -> 18.1, 200704 x 96 -> 16 11.2 -> 6.2. Widening
-# layers lose that way (50176 x 96 -> 384 22.8 -> 31.9), so they keep JAX's. Train step with
-# and without, both compiled in one process, alternating rounds: efficientnet_b0 1.052x per
-# round (6 of 8 rounds faster), resnet50 1.033x (4 of 6), convnext_tiny 1.022x (6 of 6),
-# vit_small 1.011x (6 of 6), swin_tiny 1.004x (3 of 5).
-NARROWING_WEIGHT_GRAD = True  # False (before tracing): JAX's own gradient everywhere
+# its leading dimension to Eigen rather than YNNPACK, and Eigen is slow at it. zoo writes the
+# narrower operand out transposed (a buffer, so that XLA does not fold the transpose back into
+# the dot) and YNNPACK takes the plain product: x^T @ grad for a widening layer (O >= I);
+# grad^T @ x for a narrowing one (O < I), whose small [O, I] result is transposed. Alone,
+# minimum of 15 runs (2-core Zen4), rows x I -> O: 50176 x 384 -> 96 35.9 -> 25.6 ms, 50176 x
+# 256 -> 64 19.5 -> 13.2, 3136 x 1536 -> 384 22.7 -> 18.1, 200704 x 96 -> 16 11.2 -> 6.2
+# (narrowing); transposing grad for a widening layer lost (50176 x 96 -> 384 22.8 -> 31.9).
+# Train step with and without, both compiled in one process, alternating rounds: narrowing
+# layers efficientnet_b0 1.052x per round (6 of 8 rounds faster), resnet50 1.033x (4 of 6),
+# convnext_tiny 1.022x (6 of 6), vit_small 1.011x (6 of 6), swin_tiny 1.004x (3 of 5); then
+# widening ones too (expanding 1x1 convolutions, MLPs' first layer) efficientnet_b0 1.14x
+# (20.70 vs 17.84 img/s, 6 of 6), resnet50 1.057x and 1.060x (6 of 6 twice), convnext_tiny
+# 1.06x (6 of 6), swin_tiny 1.037x (5 of 6), vit_small 1.001x and 1.017x (3 and 6 of 6).
+MATMUL_WEIGHT_GRAD = True  # False (before tracing): JAX's own gradient everywhere
 
 
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., I] @ kernel [I, O]; on CPU a narrowing one (O < I) has `narrowing_matmul`'s
-    kernel gradient. Used by 1x1 convolutions and `nn.Dense(dot_general=dense_dot_general)`."""
-    narrowing = kernel.shape[1] < kernel.shape[0]
-    if NARROWING_WEIGHT_GRAD and narrowing and jax.default_backend() == "cpu":
-        return narrowing_matmul(x, kernel)
+    """x [..., I] @ kernel [I, O]; on CPU with `matmul_with_vjp`'s kernel gradient. Used by
+    1x1 convolutions and `nn.Dense(dot_general=dense_dot_general)`."""
+    if MATMUL_WEIGHT_GRAD and jax.default_backend() == "cpu":
+        return matmul_with_vjp(x, kernel)
     return _last_axis_matmul(x, kernel)
 
 

@@ -304,9 +304,10 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(kernel_init=self.kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
         out_features = self.out_features or x.shape[-1]
+        kw["dot_general"] = dense_dot_general  # the kernel gradient through YNNPACK (conv.matmul)
         x = self.act(nn.Dense(self.hidden_features, name="fc1", **kw)(x))
         x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-        x = nn.Dense(out_features, name="fc2", dot_general=dense_dot_general, **kw)(x)
+        x = nn.Dense(out_features, name="fc2", **kw)(x)
         return nn.Dropout(self.drop_rate)(x, deterministic=not train)
 
 
