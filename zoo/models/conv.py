@@ -10,7 +10,7 @@ the same function by the fastest route for the shape:
   multiply-adds (elementwise, fuses well; 7x7 16x56x56x96: forward 26 vs 632 ms, fwd+bwd
   0.28 vs 1.69 s for XLA's grouped convolution), with a custom VJP: the input gradient is
   the same sum over the output gradient (dilated by the stride) with the kernel flipped, the
-  kernel gradient one variadic reduction over all taps (convnext_tiny's first stage: 250 ->
+  kernel gradient variadic reductions over up to 13 taps each (convnext_tiny's first stage: 250 ->
   63 ms for a row loop of YNNPACK reductions; train step 2.26 -> 2.37 img/s). JAX's own
   derivative (k*k pads summed, k*k reductions, every shifted slice kept as a residual)
   compiled slowly and ran slower (ConvNeXt's 7x7 at stride 1: fwd+bwd 2.5 vs 4.9 s under
@@ -226,8 +226,9 @@ def _depthwise_backward(strides, pads, residuals, grad):
     """Input gradient: the same depthwise sum over the output gradient (dilated by the
     stride) with the kernel flipped, padded by kh-1-p (a crop where negative) and by the
     input rows and columns no window reached;
-    kernel gradient: per tap, the sum over (B, H, W) of input window x output gradient, all
-    taps in one variadic reduction per example (`_sums`), then summed over the batch."""
+    kernel gradient: per tap, the sum over (B, H, W) of input window x output gradient, up to
+    `TAPS_PER_REDUCTION` taps in one variadic reduction per example (`_sums`), then summed
+    over the batch."""
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
     (sh, sw), ((top, bottom), (left, right)) = strides, pads
@@ -248,11 +249,21 @@ def _depthwise_backward(strides, pads, residuals, grad):
     )
     grad_x = shifted_depthwise(spread, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
     taps = shifted_windows(x, (kh, kw), strides, pads)
-    per_example = jnp.stack(_sums([tap * grad for tap in taps], (1, 2)))  # [kh * kw, B, C]
+    products = [tap * grad for tap in taps]
+    step = TAPS_PER_REDUCTION
+    groups = [products[start : start + step] for start in range(0, len(products), step)]
+    per_example = jnp.stack([total for group in groups for total in _sums(group, (1, 2))])
     grad_kernel = per_example.sum(1).reshape(kh, kw, 1, -1)
     return grad_x, grad_kernel.astype(kernel.dtype)
 
 
+# The kernel gradient's variadic reductions take at most 13 taps each: one reduction of all 49
+# products of a 7x7 kernel ran slower than four of 12-13 (alone, at convnext_tiny's stage
+# shapes at batch 16: 56x56x96 33-37 -> 28-32 ms, 28x28x192 17 -> 13, 14x14x384 10.2 -> 6.0,
+# 7x7x768 14.1 -> 4.9), 5x5 kernels within 10% either way. Train step per round:
+# convnext_tiny 1.008x (5 of 6) and 1.019x (8 of 10); efficientnet_b0 0.979x (2 of 6), then
+# 1.020x (7 of 10).
+TAPS_PER_REDUCTION = 13  # 49 (before tracing): a 7x7 kernel's taps in one reduction
 # Depthwise with a hand-written VJP: JAX's own derivative of the k*k shifted slices keeps
 # every slice as a residual and is k*k pads summed (input gradient) and k*k separate
 # reductions (kernel gradient). strides and pads are static (hashable tuples).
