@@ -3,9 +3,11 @@
 Train = zoo's one train step (`zoo.training.step.train_step` via `compile_train_step`, the
 supervised method, an optax SGD or AdamW from `zoo.training.optim`): forward + backward +
 optimizer update. Inference = the forward pass in eval mode, jitted. Images/s is the median
-over timed steps after warm-up (min-max beside it). FLOPs per image come from XLA's cost
-analysis of the compiled forward; training counts 3 x forward, because XLA's analysis
-over-counts the gradients of grouped convolutions. Utilisation is achieved FLOP/s over a
+over timed steps after warm-up (min-max beside it); warm-up lasts until three steps in a row
+fault in no fresh memory (`warm_up`; at most `--max-warmup` steps), and the JSON keeps each
+framework's most page faults in a timed step (`page_faults_max`). FLOPs per image come from
+XLA's cost analysis of the compiled forward; training counts 3 x forward, because XLA's
+analysis over-counts the gradients of grouped convolutions. Utilisation is achieved FLOP/s over a
 float32 4096^2 matmul timed on the same machine in the same run (CPU), or over the chip's
 dense bf16 peak from a datasheet table (GPU/TPU; MFU).
 
@@ -336,33 +338,72 @@ def switched(settings: dict[str, bool | int | str]):
             setattr(*_switch_home(name), value)
 
 
+def page_faults() -> int:
+    """Minor page faults of this process so far (0 where `resource` is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# XLA:CPU allocates a step's temporaries as one buffer (1.7 GB for vit_small's train step at
+# batch 16), the next step's before the last one's is freed, and glibc (zoo's settings,
+# zoo/backend.py) served it from fresh memory until the heap held about three of them: such a
+# step faulted in 430,000 pages and took 4.8 s instead of 2.7 (2-core Zen4). Which steps did
+# varied from run to run: the 3rd to 6th, the 3rd, 4th, 8th and 9th, or only the 10th
+# (vit_small, swin_tiny, convnext_tiny), and from then on none did. So the untimed steps go
+# on until `SETTLED_STEPS` in a row fault in fewer than `SETTLED_FAULTS` pages.
+SETTLED_STEPS = 3
+SETTLED_FAULTS = 1000  # 4 MB of 4 KiB pages; a step's temporaries are hundreds of MB
+
+
+def warm_up(runner: Runner, least: int, most: int) -> int:
+    """`least` untimed steps, then more, up to `most` in all, until the heap has settled
+    (`SETTLED_STEPS` steps in a row without page faults); returns the steps run."""
+    quiet = 0
+    for done in range(1, max(least, most) + 1):
+        before = page_faults()
+        runner.step()
+        quiet = quiet + 1 if page_faults() - before < SETTLED_FAULTS else 0
+        if done >= least and quiet >= min(SETTLED_STEPS, most):
+            return done
+    return max(least, most)
+
+
 def interleaved(
     runners: dict[str, Runner],
     warmup: int,
     steps: int,
     pause: float = 0.0,
     cpu: dict[str, list[float]] | None = None,
+    faults: dict[str, list[int]] | None = None,
+    max_warmup: int = 0,
 ) -> dict[str, list[float]]:
     """Per-step seconds of each runner; rounds of one step alternate between the runners
     (order reversed every round) so that slow minutes on a shared machine hit all of them.
     `pause` seconds of idle precede each timed step: right after a PyTorch step, zoo's next
     step ran ~20% slower than after a pause (convnext_tiny train 2.07 vs 2.52 img/s, timm
     3.52 vs 3.48; 2-core CPU), and a run of one framework alone has no such neighbour.
-    `cpu`, if given, receives each step's CPU seconds (user + system, all threads)."""
+    `cpu`, if given, receives each step's CPU seconds (user + system, all threads), `faults`
+    its page faults. Each runner first takes `warmup` untimed steps, and up to `max_warmup`
+    while its steps still fault in pages (`warm_up`)."""
     names = list(runners)
     for name in names:
-        for _ in range(warmup):
-            runners[name].step()
+        warm_up(runners[name], warmup, max_warmup)
     times = {name: [] for name in names}
     for round_index in range(steps):
         for name in names if round_index % 2 == 0 else names[::-1]:
             time.sleep(pause)
+            faults_start = page_faults()
             cpu_start = time.process_time()
             start = time.perf_counter()
             runners[name].step()
             times[name].append(time.perf_counter() - start)
             if cpu is not None:
                 cpu.setdefault(name, []).append(time.process_time() - cpu_start)
+            if faults is not None:
+                faults.setdefault(name, []).append(page_faults() - faults_start)
     return times
 
 
@@ -374,7 +415,7 @@ def paired_ratio(fast: list[float], slow: list[float]) -> float:
 
 
 def summarize(
-    times: list[float], batch: int, flops_per_image: float, peak: float, cpu=None
+    times: list[float], batch: int, flops_per_image: float, peak: float, cpu=None, faults=None
 ) -> dict:
     median = statistics.median(times)
     images_per_s = batch / median
@@ -390,6 +431,8 @@ def summarize(
     }
     if cpu:  # CPU seconds per wall second: how many cores the step kept busy
         summary["cores_busy"] = sum(cpu) / sum(times)
+    if faults:  # more than a few thousand: a timed step paid for fresh memory (`warm_up`)
+        summary["page_faults_max"] = max(faults)
     return summary
 
 
@@ -410,15 +453,17 @@ def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> 
         )
     if args.device == "cpu":  # the peak, timed in the same rounds: same noise as the models
         runners["matmul"] = Runner(matmul_step(args.matmul_size), 0.0)
-    cpu = {}
-    times = interleaved(runners, args.warmup, args.steps, args.pause, cpu)
+    cpu, faults = {}, {}
+    times = interleaved(runners, args.warmup, args.steps, args.pause, cpu, faults, args.max_warmup)
     if args.device == "cpu":
         peak = 2 * args.matmul_size**3 / min(times["matmul"])
     row = {"model": case_label(case), "mode": mode, "batch": batch, "precision": args.precision}
     row["peak_gflops"] = peak / 1e9
     row["zoo"] = {
         "compile_s": zoo.compile_s,
-        **summarize(times["zoo"], batch, zoo.flops_per_image, peak, cpu.get("zoo")),
+        **summarize(
+            times["zoo"], batch, zoo.flops_per_image, peak, cpu.get("zoo"), faults.get("zoo")
+        ),
     }
     if settings:
         other = runners["zoo_switched"]
@@ -426,13 +471,20 @@ def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> 
             "switches": settings,
             "compile_s": other.compile_s,
             **summarize(
-                times["zoo_switched"], batch, zoo.flops_per_image, peak, cpu.get("zoo_switched")
+                times["zoo_switched"],
+                batch,
+                zoo.flops_per_image,
+                peak,
+                cpu.get("zoo_switched"),
+                faults.get("zoo_switched"),
             ),
         }
         row["zoo_over_switched"] = row["zoo"]["images_per_s"] / row["zoo_switched"]["images_per_s"]
         row["zoo_over_switched_paired"] = paired_ratio(times["zoo"], times["zoo_switched"])
     if use_timm:
-        timm_row = summarize(times["timm"], batch, zoo.flops_per_image, peak, cpu.get("timm"))
+        timm_row = summarize(
+            times["timm"], batch, zoo.flops_per_image, peak, cpu.get("timm"), faults.get("timm")
+        )
         row["timm"] = {"first_step_s": runners["timm"].compile_s, **timm_row}
         row["zoo_over_timm"] = row["zoo"]["images_per_s"] / timm_row["images_per_s"]
         row["zoo_over_timm_paired"] = paired_ratio(times["zoo"], times["timm"])
@@ -554,6 +606,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--train-batch", type=int, default=0, help="0: 16 at 224, 128 at 32")
     parser.add_argument("--infer-batch", type=int, default=0, help="0: 64 at 224, 256 at 32")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compile")
+    parser.add_argument(
+        "--max-warmup",
+        type=int,
+        default=12,
+        help="more untimed steps, up to this many, while steps still fault in fresh memory",
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps per framework")
     parser.add_argument("--vs-timm", action="store_true", help="interleave PyTorch/timm")
     parser.add_argument(

@@ -1,6 +1,7 @@
 """The throughput benchmark's functions on a tiny model: one timed step, fields present."""
 
 import argparse
+import mmap
 import time
 
 import pytest
@@ -14,6 +15,7 @@ FIELDS = ("images_per_s", "images_per_s_min", "images_per_s_max", "step_ms", "gf
 def bench_args(**overrides) -> argparse.Namespace:
     """The options bench_case reads: resnet8 at batch 8, one timed step, no timm."""
     options = dict(train_batch=8, infer_batch=8, device="cpu", precision="fp32", warmup=0)
+    options |= dict(max_warmup=0)
     options |= dict(steps=1, pause=0.0, vs_timm=False, channels_last=False, matmul_size=256)
     return argparse.Namespace(**(options | dict(compare=[]) | overrides))
 
@@ -50,6 +52,34 @@ def test_interleaved_pauses_before_each_step_outside_the_timing():
     assert elapsed >= 6 * 0.05  # one pause per timed step
     assert all(len(t) == 3 and max(t) < 0.04 for t in times.values())  # pauses not timed
     assert all(len(c) == 3 and max(c) < 0.04 for c in cpu.values())  # sleeping is not CPU
+
+
+def test_page_faults_count_fresh_memory():
+    before = throughput.page_faults()
+    with mmap.mmap(-1, 16 << 20) as fresh:  # 4096 pages of 4 KiB, never touched
+        fresh.write(b"x" * (16 << 20))
+    assert throughput.page_faults() - before >= 4000
+
+
+def test_warm_up_goes_on_until_steps_stop_faulting(monkeypatch):
+    faults_per_step = iter([500_000, 0, 400_000, 0, 10, 0] + [0] * 20)
+    total = [0]
+
+    def step():
+        total[0] += next(faults_per_step)
+
+    monkeypatch.setattr(throughput, "page_faults", lambda: total[0])
+    runner = throughput.Runner(step, 0.0)
+    assert throughput.warm_up(runner, least=1, most=12) == 6  # three quiet steps after the 3rd
+    assert throughput.warm_up(runner, least=5, most=12) == 5  # quiet from the start
+    faults_per_step = iter([300_000] * 20)
+    assert throughput.warm_up(runner, least=1, most=4) == 4  # never settles: stops at most
+    assert throughput.warm_up(runner, least=2, most=0) == 2  # most=0: `least` steps, as before
+    faults = {}
+    throughput.interleaved({"a": runner}, 0, 2, 0.0, faults=faults)
+    assert faults == {"a": [300_000, 300_000]}
+    row = throughput.summarize([1.0, 1.0], 1, 1.0, 1.0, faults=faults["a"])
+    assert row["page_faults_max"] == 300_000
 
 
 def test_busy_step_counts_its_cpu_time_and_paired_ratio_is_per_round():
