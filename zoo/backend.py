@@ -39,9 +39,10 @@ memory then stays with the process and the next step reuses it: no page faults p
 training at batch 16 (benchmarks/throughput.py, README "Speed") swin_tiny 1.84 -> 2.79 img/s,
 convnext_tiny 2.07 -> 3.11, efficientnet_b0 6.47 -> 9.33, resnet50 2.39 -> 2.73. The cost:
 the process keeps its peak heap until it exits, like a GPU allocator's cache (on a 2-core
-Zen4 the heap also grew: small allocations between steps split the freed block, and the next
-step's block went to fresh memory; efficientnet_b0 at batch 16 held 9.0 GB from its 10th step
-on, against 3.2 GB after its first, README "Speed": opt out when memory is tight), and all
+Zen4 the heap also grew: XLA allocates the next step's block before it frees the last one's,
+small allocations between steps split freed blocks, and the next step's block went to fresh
+memory until about three blocks took turns; efficientnet_b0 at batch 16 held 9.0 GB from its
+10th step on, against 3.2 GB after its first, README "Speed": opt out when memory is tight), and all
 threads share one arena (compiling takes up to 1.35x as long: swin_tiny's train step
 24.6 -> 32.0 s; a small job that faults little to begin with loses time: the default
 `python train.py` 148 -> 180 s, README "Results"; its config therefore turns them off:
