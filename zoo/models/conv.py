@@ -264,6 +264,7 @@ def _depthwise_backward(strides, pads, residuals, grad):
 # convnext_tiny 1.008x (5 of 6) and 1.019x (8 of 10); efficientnet_b0 0.979x (2 of 6), then
 # 1.020x (7 of 10).
 TAPS_PER_REDUCTION = 13  # 49 (before tracing): a 7x7 kernel's taps in one reduction
+
 # Depthwise with a hand-written VJP: JAX's own derivative of the k*k shifted slices keeps
 # every slice as a residual and is k*k pads summed (input gradient) and k*k separate
 # reductions (kernel gradient). strides and pads are static (hashable tuples).
