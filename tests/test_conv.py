@@ -10,6 +10,8 @@ from zoo.models import conv
 
 CASES = [  # (in, out, kernel, stride, padding, groups, size): each of conv2d's paths
     (5, 7, 3, 1, ((1, 1), (1, 1)), 1, 9),  # k x k: matmul weight gradient
+    (64, 72, 3, 1, ((1, 1), (1, 1)), 1, 9),  # 3x3 at stride 1, >= 64 channels: Winograd
+    (72, 64, 3, 1, "SAME", 1, 4),  # Winograd, even size
     (5, 7, 3, 2, ((1, 1), (1, 1)), 1, 9),  # strided, odd size
     (4, 6, 3, 2, "SAME", 1, 8),  # asymmetric SAME padding
     (3, 8, 7, 2, ((3, 3), (3, 3)), 1, 11),  # ResNet stem
@@ -183,3 +185,37 @@ def test_matmul_gradients_equal_jax(features_in, features_out, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
     plain = jax.grad(lambda k: jnp.sum(jnp.sin(x @ k)))(kernel)
     np.testing.assert_allclose(dense_grad, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 7, 64), (3, 4, 4, 64), (1, 1, 1, 64)])
+def test_winograd_equals_xla_convolution_to_round_off(shape):
+    """Output, input gradient and kernel gradient of the Winograd F(2x2, 3x3) route against
+    XLA's convolution, odd and 1x1 spatial sizes included: relative 1e-6 measured (float32)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 48)) * 0.05
+    grad = jax.random.normal(jax.random.PRNGKey(2), (*shape[:3], 48))
+    y, vjp = jax.vjp(conv.winograd_with_vjp, x, kernel)
+    y_ref, vjp_ref = jax.vjp(lambda x, k: conv.xla_conv(x, k, (1, 1), ((1, 1), (1, 1))), x, kernel)
+    for ours, ref in zip((y, *vjp(grad)), (y_ref, *vjp_ref(grad)), strict=True):
+        assert ours.shape == ref.shape
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * scale)
+
+
+def test_winograd_routes_3x3_stride_1_convolutions(monkeypatch):
+    """16 matmuls instead of a convolution in the forward program; the switch and the channel
+    threshold turn it off, and strided or narrow convolutions stay XLA's."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 64))
+
+    def ops(kernel, strides=(1, 1), x=x):
+        # a new function each call: jit's cache never answers with a trace of other switches
+        program = jax.jit(lambda x, k: conv.conv2d(x, k, strides, ((1, 1), (1, 1))))
+        text = program.lower(x, kernel).compile().as_text()
+        return text.count(" dot("), text.count(" convolution(")
+
+    kernel = jnp.ones((3, 3, 64, 64))
+    assert ops(kernel) == (16, 0)
+    assert ops(kernel, (2, 2)) == (0, 1)
+    assert ops(kernel[:, :, :, :32]) == (0, 1)  # 32 output channels < MIN_CHANNELS_FOR_WINOGRAD
+    monkeypatch.setattr(conv, "WINOGRAD", False)
+    assert ops(kernel) == (0, 1)
