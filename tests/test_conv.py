@@ -217,5 +217,7 @@ def test_winograd_routes_3x3_stride_1_convolutions(monkeypatch):
     assert ops(kernel) == (16, 0)
     assert ops(kernel, (2, 2)) == (0, 1)
     assert ops(kernel[:, :, :, :32]) == (0, 1)  # 32 output channels < MIN_CHANNELS_FOR_WINOGRAD
+    half = jnp.bfloat16
+    assert ops(kernel.astype(half), x=x.astype(half)) == (0, 1)  # float32 only: transforms round
     monkeypatch.setattr(conv, "WINOGRAD", False)
     assert ops(kernel) == (0, 1)

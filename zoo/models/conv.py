@@ -18,7 +18,7 @@ the same function by the fastest route for the shape:
   train step 6.25 -> 7.03 img/s).
   Under YNNPACK's reduce fusions the output is made one buffer (`ONE_BUFFER_DEPTHWISE`), so
   that a following reduction does not take the sum in.
-* 3x3 at stride 1 with padding 1 and >= 64 channels in and out (ResNet's 3x3 layers):
+* 3x3 at stride 1 with padding 1 and >= 64 channels in and out, float32 (ResNet's 3x3 layers):
   Winograd's F(2x2, 3x3), 16 matmuls over transformed 4x4 input tiles, with a custom VJP
   whose input gradient is the same algorithm and whose kernel gradient is 16 matmuls too
   (16x16x128, batch 128, forward + backward: 151 vs 103 ms for XLA's convolution).
@@ -512,7 +512,8 @@ def conv2d(
     if groups == x.shape[-1] == cout and cin == 1:
         return depthwise_conv(x, kernel, strides, pads)
     same_3x3 = (kh, kw) == (3, 3) and strides == (1, 1) and pads == ((1, 1), (1, 1))
-    if WINOGRAD and groups == 1 and same_3x3 and min(cin, cout) >= MIN_CHANNELS_FOR_WINOGRAD:
+    wide_enough = min(cin, cout) >= MIN_CHANNELS_FOR_WINOGRAD
+    if WINOGRAD and groups == 1 and same_3x3 and wide_enough and x.dtype == jnp.float32:
         return winograd_with_vjp(x, kernel)
     wide = cin >= MIN_CHANNELS_FOR_MATMUL_WEIGHT_GRAD
     large_kernel = kh * kw >= MIN_TAPS_FOR_MATMUL_WEIGHT_GRAD
