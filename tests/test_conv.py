@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo.models import conv
+from zoo.models import conv, winograd
 
 CASES = [  # (in, out, kernel, stride, padding, groups, size): each of conv2d's paths
     (5, 7, 3, 1, ((1, 1), (1, 1)), 1, 9),  # k x k: matmul weight gradient
@@ -194,7 +194,7 @@ def test_winograd_equals_xla_convolution_to_round_off(shape):
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 48)) * 0.05
     grad = jax.random.normal(jax.random.PRNGKey(2), (*shape[:3], 48))
-    y, vjp = jax.vjp(conv.winograd_with_vjp, x, kernel)
+    y, vjp = jax.vjp(winograd.winograd_with_vjp, x, kernel)
     y_ref, vjp_ref = jax.vjp(lambda x, k: conv.xla_conv(x, k, (1, 1), ((1, 1), (1, 1))), x, kernel)
     for ours, ref in zip((y, *vjp(grad)), (y_ref, *vjp_ref(grad)), strict=True):
         assert ours.shape == ref.shape
