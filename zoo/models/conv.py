@@ -360,6 +360,9 @@ conv_matmul_weight_grad.defvjp(_saved_input_forward, _matmul_weight_backward)
 # 15.8 s, resnet50's 7.8 -> 20.1 s, its forward 1.1 -> 4.5 s; one [16, tiles, I] batched
 # matmul compiled no faster and ran 1.2-1.6x slower), and F(4x4, 3x3) was no faster here (its
 # transforms cost more) and 10-30x less exact.
+# Memory: the transformed planes are 4x the input (and output); the gradient program's
+# temporaries (XLA's memory_analysis) resnet50 at batch 16 2.08 -> 2.34 GB, resnet18-CIFAR at
+# 128 1.00 -> 1.75 GB.
 WINOGRAD = True  # False (before tracing): XLA's own convolution for 3x3 at stride 1
 MIN_CHANNELS_FOR_WINOGRAD = 64
 
