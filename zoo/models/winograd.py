@@ -115,7 +115,17 @@ def _winograd(x: jax.Array, u: list[jax.Array], transposed: bool = False) -> jax
 
 
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 convolution, stride 1, padding 1 (SAME), as Winograd F(2x2, 3x3); kernel HWIO."""
+    """3x3 convolution, stride 1, padding 1 (SAME), as Winograd F(2x2, 3x3).
+
+    `winograd_with_vjp` is the same function with the hand-written gradient (module doc).
+
+    Args:
+      x: [B, H, W, I] (NHWC); odd H and W are padded to even and the output cropped.
+      kernel: [3, 3, I, O] (HWIO, as `nn.Conv`'s).
+
+    Returns:
+      [B, H, W, O], equal to `lax.conv_general_dilated` with padding 1 to float32 round-off.
+    """
     return _winograd(x, winograd_kernels(kernel))
 
 
