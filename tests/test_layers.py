@@ -162,6 +162,7 @@ def test_attention_in_slices_of_the_batch_equals_the_whole(monkeypatch):
         monkeypatch.setattr(layers, "ATTENTION_SLICES", slices)
         monkeypatch.setattr(layers, "ATTENTION_GRAD_SLICES", grad_slices)
         monkeypatch.setattr(layers, "MIN_SLICE_FLOPS", 1)
+        monkeypatch.setattr(layers, "MIN_TOKENS_FOR_GRAD_SLICES", 1)
         jax.clear_caches()
         return (
             count_dots(attention_loss, *args),
@@ -179,6 +180,11 @@ def test_attention_in_slices_of_the_batch_equals_the_whole(monkeypatch):
     for a, b in zip(grads, whole_grads, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # fewer tokens than MIN_TOKENS_FOR_GRAD_SLICES (Swin's windows): the gradient stays whole
+    monkeypatch.setattr(layers, "ATTENTION_GRAD_SLICES", 2)
+    monkeypatch.setattr(layers, "MIN_TOKENS_FOR_GRAD_SLICES", 11)
+    jax.clear_caches()
+    assert count_dots(grad, *args) == 2 + 4
 
 
 def test_attention_slices_divide_the_batch_and_carry_enough_work(monkeypatch):
