@@ -173,3 +173,28 @@ def test_freed_memory_is_reused_without_page_faults():
     for opt_out in (backend.OPT_OUT, backend.KEEP_OPT_OUT):
         plain = run_script(FAULT_PROBE, **{opt_out: "0"})
         assert plain["kept"] is False and min(plain["faults"][2:]) > 8000, (opt_out, plain)
+
+
+@pytest.mark.parametrize("in_branches", [True, False])
+def test_transposed_buffer(monkeypatch, in_branches):
+    # the value is the transpose (of the last two axes), with and without the switch
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    monkeypatch.setattr(backend, "TRANSPOSE_IN_BRANCHES", in_branches)
+    x = jnp.arange(2 * 6 * 4, dtype=jnp.float32).reshape(2, 6, 4)
+    out = jax.jit(backend.transposed_buffer)(x)
+    np.testing.assert_array_equal(out, np.swapaxes(np.asarray(x), 1, 2))
+
+    # What the switch is for (on CPU): the conditional takes the producer's result in its
+    # plain [6, 4] layout; with the transpose outside the branches, XLA:CPU hands it the
+    # transposed [4, 6] with a column-major layout ({0,1}), which the producer writes strided.
+    def kernel_gradient(a):
+        return backend.transposed_buffer(a * 2.0) @ jnp.ones((6, 3))
+
+    hlo = jax.jit(kernel_gradient).lower(x[0]).compile().as_text()
+    conditional = next(line for line in hlo.splitlines() if " conditional(" in line)
+    operand = conditional.split(" conditional(")[1].split(",")[1].strip()  # the branch tuple
+    defined = next(line for line in hlo.splitlines() if f"{operand} = " in line)
+    assert ("f32[6,4]{1,0}" in defined) == in_branches, defined

@@ -10,7 +10,7 @@ their gradients (3x3, 64 channels, 16x56x56: forward 62 vs 36 ms, forward + both
     --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce
 
 appended to the user's XLA_FLAGS (nothing of theirs is replaced; a user who sets this flag
-themselves keeps their value). Whole models (benchmarks/throughput.py, README "Speed"):
+themselves keeps their value). Whole models (benchmarks/throughput.py, and SPEED.md there):
 resnet20 training 68 -> 179 img/s, inference 654 -> 942; efficientnet_b0 6.05 -> 6.78 and
 47.5 -> 51.5. YNNPACK's "reduce" fusions matter for training: without them (only
 "individual_dot") efficientnet_b0 trains at 2.8 instead of 5.8 img/s and convnext_tiny at
@@ -36,13 +36,14 @@ one malloc arena for all threads (`M_ARENA_MAX`=1: XLA's worker threads allocate
 buffers, and only the main arena can grow past 64 MB without `mmap`), no `mmap` for large
 blocks (`M_MMAP_MAX`=0) and no trimming of the heap's top (`M_TRIM_THRESHOLD`=max). Freed
 memory then stays with the process and the next step reuses it: no page faults per step, and
-training at batch 16 (benchmarks/throughput.py, README "Speed") swin_tiny 1.84 -> 2.79 img/s,
+training at batch 16 (benchmarks/throughput.py; SPEED.md) swin_tiny 1.84 -> 2.79 img/s,
 convnext_tiny 2.07 -> 3.11, efficientnet_b0 6.47 -> 9.33, resnet50 2.39 -> 2.73. The cost:
 the process keeps its peak heap until it exits, like a GPU allocator's cache (on a 2-core
 Zen4 the heap also grew: XLA allocates the next step's block before it frees the last one's,
 small allocations between steps split freed blocks, and the next step's block went to fresh
 memory until about three blocks took turns; efficientnet_b0 at batch 16 held 9.0 GB from its
-10th step on, against 3.2 GB after its first, README "Speed": opt out when memory is tight), and all
+10th step on, against 3.2 GB after its first, benchmarks/SPEED.md: opt out when memory is
+tight), and all
 threads share one arena (compiling takes up to 1.35x as long: swin_tiny's train step
 24.6 -> 32.0 s; a small job that faults little to begin with loses time: the default
 `python train.py` 148 -> 180 s, README "Results"; its config therefore turns them off:
@@ -192,3 +193,33 @@ def one_buffer(x):
 
     first = x.reshape(-1)[0]
     return lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
+
+
+# `transposed_buffer` transposes inside the conditional's branches. With the transpose outside
+# (`one_buffer(x.T)`), XLA:CPU gave the transpose's producer (e.g. Winograd's input transform)
+# a transposed output layout, which it wrote with a stride, and the branch's copy turned it
+# back; inside the branches the transpose is a bitcast, the producer writes its plain layout,
+# and one copy after the conditional transposes. resnet18-CIFAR's train step at batch 128
+# (Winograd's kernel gradient: 16 such buffers per 3x3 convolution), 2-core Zen5, per round:
+# 1.072x and 1.064x (7 of 8 rounds faster, both) for the Winograd buffers alone, 1.031x (8 of
+# 8) for all; resnet50 at 16 0.994x (4 of 8) and 1.040x (4 of 6); with and without it at the
+# matmuls' and attention's buffers: convnext_tiny 1.021x (6 of 6), efficientnet_b0 1.021x
+# (3 of 6), swin_tiny 1.005x (3 of 6), vit_small 0.999x (3 of 6).
+TRANSPOSE_IN_BRANCHES = True  # False (before tracing): one_buffer(jnp.swapaxes(x, -1, -2))
+
+
+def transposed_buffer(x):
+    """x with its last two axes swapped, as one buffer (`one_buffer`'s conditional) that XLA:CPU
+    does not fold back into the matmul reading it: the operand of a kernel gradient whose
+    rows are contracted (`zoo.models.conv.matmul`, Winograd's kernel gradient, attention's
+    gradient), which YNNPACK takes only in the plain [K, N] layout."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    def swap(v):
+        return jnp.swapaxes(v, -1, -2)
+
+    if not TRANSPOSE_IN_BRANCHES:
+        return one_buffer(swap(x))
+    first = x.reshape(-1)[0]
+    return lax.cond(first == first, swap, lambda v: swap(v) + 0, x)

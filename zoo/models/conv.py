@@ -145,9 +145,9 @@ def _matmul_backward(residuals, grad):
     grad_x = lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
     x, grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     if kernel.shape[1] < kernel.shape[0]:
-        grad_kernel = backend.one_buffer(backend.one_buffer(grad.T) @ x).T
+        grad_kernel = backend.one_buffer(backend.transposed_buffer(grad) @ x).T
     else:
-        grad_kernel = backend.one_buffer(x.T) @ grad
+        grad_kernel = backend.transposed_buffer(x) @ grad
     return grad_x, grad_kernel.astype(kernel.dtype)
 
 

@@ -421,12 +421,6 @@ def _attention(q, k, v, biases):
     return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v), weights
 
 
-def _transposed(x: jax.Array) -> jax.Array:
-    """x with its last two axes swapped, written out as one buffer (`backend.one_buffer`), so
-    that XLA:CPU does not fold the transpose back into the matmul that reads it."""
-    return backend.one_buffer(jnp.swapaxes(x, -1, -2))
-
-
 def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """The cotangent of a broadcast to x.shape from `shape`: x summed over broadcast axes."""
     x = x.sum(tuple(range(x.ndim - len(shape))))
@@ -436,11 +430,13 @@ def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def _attention_backward(residuals, grad):
     q, k, v, weights, biases = residuals
-    grad_v = jnp.einsum("bhkq,bhqd->bhkd", _transposed(weights).astype(v.dtype), grad)
+    grad_v = jnp.einsum("bhkq,bhqd->bhkd", backend.transposed_buffer(weights).astype(v.dtype), grad)
     grad_weights = jnp.einsum("bhqd,bhkd->bhqk", grad, v).astype(jnp.float32)
     grad_logits = weights * (grad_weights - jnp.sum(grad_weights * weights, -1, keepdims=True))
     grad_q = jnp.einsum("bhqk,bhkd->bhqd", grad_logits.astype(k.dtype), k)
-    grad_k = jnp.einsum("bhkq,bhqd->bhkd", _transposed(grad_logits).astype(q.dtype), q)
+    grad_k = jnp.einsum(
+        "bhkq,bhqd->bhkd", backend.transposed_buffer(grad_logits).astype(q.dtype), q
+    )
     grad_biases = tuple(_sum_to_shape(grad_logits, b.shape).astype(b.dtype) for b in biases)
     return grad_q, grad_k, grad_v, grad_biases
 

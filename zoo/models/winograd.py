@@ -156,7 +156,7 @@ def _winograd_backward(residuals, grad):
     v, m = winograd_inputs(x), winograd_outputs_transposed(grad)
     cin, cout = u[0].shape
     grad_u = [
-        backend.one_buffer(v[i].reshape(-1, cin).T) @ m[i].reshape(-1, cout) for i in range(16)
+        backend.transposed_buffer(v[i].reshape(-1, cin)) @ m[i].reshape(-1, cout) for i in range(16)
     ]
     return grad_x, winograd_kernels_transposed(grad_u).astype(u[0].dtype)
 
