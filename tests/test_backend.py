@@ -69,6 +69,15 @@ def test_late_import_warns_and_changes_nothing():
     assert out["warned"] and out["flags"] == ""
 
 
+def test_forward_matmuls_by_cpu_vendor():
+    assert backend.forward_ynn_fusion_type("GenuineIntel") == ""  # XLA's own matmuls
+    assert backend.forward_ynn_fusion_type("AuthenticAMD") == backend.FORWARD_YNN_FUSION_TYPE
+    assert backend.forward_ynn_fusion_type("") == backend.FORWARD_YNN_FUSION_TYPE
+    vendor = backend.cpu_vendor()
+    if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
+        assert vendor.isalpha() and len(vendor) == 12  # cpuid's 12-character vendor string
+
+
 @pytest.mark.parametrize(
     "flags, types",
     [
@@ -122,8 +131,9 @@ def test_forward_programs_keep_reductions_out_of_ynnpack():
     # zoo's flag: training programs hand reductions (here the LayerNorm's) to YNNPACK, zoo's
     # forward-only programs (compiled with forward_compiler_options) leave them to XLA.
     out = forward_probe()
+    forward_type = backend.forward_ynn_fusion_type(backend.cpu_vendor())
     assert out["options"] == {
-        backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE,
+        backend.YNN_OPTION: forward_type,
         backend.DISABLE_PASSES_OPTION: backend.FORWARD_DISABLED_PASSES,
     }
     assert out["default"] >= 1 and out["forward"] == 0
@@ -131,7 +141,7 @@ def test_forward_programs_keep_reductions_out_of_ynnpack():
     assert out["windows_left_in"] >= 1 and out["forward_windows"] == 0
     # passes the user disables themselves are left alone
     theirs = forward_probe(XLA_FLAGS="--xla_disable_hlo_passes=algsimp")["options"]
-    assert theirs == {backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE}
+    assert theirs == {backend.YNN_OPTION: forward_type}
     # the opt-out and a user's own flag: no per-program options, the process setting rules
     assert forward_probe(**{backend.OPT_OUT: "0"})["options"] == {}
     own = forward_probe(XLA_FLAGS=f"{backend.YNN_FLAG}=individual_dot,individual_convolution")

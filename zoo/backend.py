@@ -67,6 +67,14 @@ import warnings
 
 CPU_YNN_FUSION_TYPES = "individual_dot,reduce"
 # The same option for one compilation (jax.jit(compiler_options=...)) takes the enum's name.
+# On Intel CPUs, forward programs give YNNPACK nothing (`forward_ynn_fusion_type`): on a
+# 2-core Xeon (Emerald Rapids) XLA's own (Eigen) matmuls ran the tall, narrow matmuls of these
+# models faster (12544x384 @ 384x1536 1.14x, 50176x192 @ 192x768 1.50x; 4096^2 0.98x), and
+# inference at batch 64, per round (6 rounds): convnext_tiny 1.256x, efficientnet_b0 1.137x,
+# vit_small 1.113x, resnet50 1.057x, resnet18-CIFAR (256) 0.982x, swin_tiny 0.935x. Training
+# gained nothing from it there (convnext_tiny 1.053x, vit_small 1.013x, resnet50 0.999x,
+# swin_tiny 0.940x); on AMD's Zen3 vit_small trained as fast with either, and AMD CPUs keep
+# YNNPACK's (benchmarks/SPEED.md).
 FORWARD_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # XLA rewrites a reduction over more than 32 elements into sums over windows of 32
@@ -121,6 +129,20 @@ def apply_cpu_flags() -> str:
     return added
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor ("GenuineIntel", "AuthenticAMD", ...) from Linux's /proc/cpuinfo; ""
+    where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
@@ -158,10 +180,17 @@ def ynn_convolutions() -> bool:
     return "individual_convolution" in ynn_fusion_types()
 
 
+def forward_ynn_fusion_type(vendor: str) -> str:
+    """What a forward-only program hands YNNPACK: single matmuls, or on an Intel CPU nothing
+    (XLA's own matmuls, Eigen's, ran faster there; `FORWARD_YNN_FUSION_TYPE`)."""
+    return "" if vendor == "GenuineIntel" else FORWARD_YNN_FUSION_TYPE
+
+
 def forward_compiler_options() -> dict[str, str]:
     """`compiler_options` for a forward-only `jax.jit` (evaluation, inference): YNNPACK for
-    single matmuls only (module doc), and reductions without XLA's windowed rewrite
-    (`FORWARD_DISABLED_PASSES`; left out when XLA_FLAGS names passes to disable itself).
+    single matmuls only (module doc; nothing on Intel CPUs, `forward_ynn_fusion_type`), and
+    reductions without XLA's windowed rewrite (`FORWARD_DISABLED_PASSES`; left out when
+    XLA_FLAGS names passes to disable itself).
     Empty, i.e. the process-wide setting, when zoo's flag is not the one in effect
     (`ZOO_XLA_DEFAULTS=0`, or the user's own value of the flag) or the default backend is not
     the CPU. Starts JAX's backend: call it when compiling."""
@@ -171,7 +200,7 @@ def forward_compiler_options() -> dict[str, str]:
 
     if jax.default_backend() != "cpu":
         return {}
-    options = {YNN_OPTION: FORWARD_YNN_FUSION_TYPE}
+    options = {YNN_OPTION: forward_ynn_fusion_type(cpu_vendor())}
     if f"--{DISABLE_PASSES_OPTION}" not in os.environ.get("XLA_FLAGS", ""):
         options[DISABLE_PASSES_OPTION] = FORWARD_DISABLED_PASSES
     return options
