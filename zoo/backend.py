@@ -71,7 +71,8 @@ CPU_YNN_FUSION_TYPES = "individual_dot,reduce"
 # 2-core Xeon (Emerald Rapids) XLA's own (Eigen) matmuls ran the tall, narrow matmuls of these
 # models faster (12544x384 @ 384x1536 1.14x, 50176x192 @ 192x768 1.50x; 4096^2 0.98x), and
 # inference at batch 64, per round (6 rounds): convnext_tiny 1.256x, efficientnet_b0 1.137x,
-# vit_small 1.113x, resnet50 1.057x, resnet18-CIFAR (256) 0.982x, swin_tiny 0.935x. Training
+# vit_small 1.113x, resnet50 1.057x, resnet18-CIFAR (256) 0.982x, swin_tiny 0.935x (13.3 ->
+# 9.7 img/s in full runs: its small window matmuls), resnet20 (256) 0.912x. Training
 # gained nothing from it there (convnext_tiny 1.053x, vit_small 1.013x, resnet50 0.999x,
 # swin_tiny 0.940x); on AMD's Zen3 vit_small trained as fast with either, and AMD CPUs keep
 # YNNPACK's (benchmarks/SPEED.md).
