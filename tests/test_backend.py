@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from zoo import backend
@@ -50,8 +51,8 @@ def probe(before: str = "", **env) -> dict:
 
 def test_appends_to_the_users_flags():
     out = probe(XLA_FLAGS="--xla_force_host_platform_device_count=3")
-    ynn = f"{backend.YNN_FLAG}={backend.CPU_YNN_FUSION_TYPES}"
-    assert out["flags"] == f"--xla_force_host_platform_device_count=3 {ynn}"
+    zoos = backend.cpu_flags(backend.cpu_vendor())
+    assert out["flags"] == f"--xla_force_host_platform_device_count=3 {zoos}"
     assert out["devices"] == 3  # the user's flag still applies
     assert out["ynn_convolutions"] is False and not out["warned"]
 
@@ -62,6 +63,8 @@ def test_the_users_own_setting_and_the_opt_out_are_kept():
     assert out["flags"] == own and out["ynn_convolutions"] is True
     out = probe(**{backend.OPT_OUT: "0"})
     assert out["flags"] == "" and out["ynn_convolutions"] is True  # jaxlib's default
+    own = f"{backend.ONEDNN_FLAG}=individual_dot"  # a oneDNN setting of theirs, too
+    assert probe(XLA_FLAGS=own)["flags"] == own
 
 
 def test_late_import_warns_and_changes_nothing():
@@ -69,8 +72,58 @@ def test_late_import_warns_and_changes_nothing():
     assert out["warned"] and out["flags"] == ""
 
 
+def test_matmul_library_by_cpu_vendor():
+    # Intel: matmuls to oneDNN, reductions to YNNPACK; elsewhere both to YNNPACK
+    intel = backend.cpu_flags("GenuineIntel").split()
+    assert intel == [
+        f"{backend.YNN_FLAG}=reduce",
+        "--xla_cpu_use_onednn=true",
+        f"{backend.ONEDNN_FLAG}=individual_dot",
+    ]
+    for vendor in ("AuthenticAMD", ""):
+        assert backend.cpu_flags(vendor) == f"{backend.YNN_FLAG}=individual_dot,reduce"
+
+
+ONEDNN_PROBE = """
+import json
+import numpy as np
+import zoo, jax, jax.numpy as jnp
+
+def loss(w1, w2, x):  # a dense layer, then attention-shaped batched matmuls
+    h = jnp.tanh(x @ w1)  # [B, N, D]
+    a = jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", h, h), axis=-1)
+    return jnp.sum(jnp.einsum("bqk,bkd->bqd", a, h) @ w2)
+
+rng = np.random.default_rng(0)
+args = [rng.standard_normal(s).astype(np.float32) / 4 for s in ((32, 48), (48, 8), (3, 40, 32))]
+grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+hlo = grad.lower(*args).compile().as_text()
+value, grads = grad(*args)
+plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
+                compiler_options={"xla_cpu_experimental_onednn_fusion_type": ""})  # XLA's dots
+ref_value, ref_grads = plain(*args)
+print("RESULT " + json.dumps({
+    "onednn_fusions": hlo.count('"__onednn_fusion"'),
+    "plain_fusions": plain.lower(*args).compile().as_text().count('"__onednn_fusion"'),
+    "value": [float(value), float(ref_value)],
+    "grad_error": max(float(jnp.abs(g - r).max() / jnp.abs(r).max())
+                      for g, r in zip(grads, ref_grads)),
+}))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="jaxlib has oneDNN on x86-64 only")
+def test_onednn_matmuls_equal_xlas():
+    # zoo's Intel flags, in a process on any x86-64 CPU: the dots of a dense layer and of
+    # attention, forward and backward, run in oneDNN and equal XLA's own to float32 round-off
+    out = run_script(ONEDNN_PROBE, XLA_FLAGS=backend.cpu_flags("GenuineIntel"))
+    assert out["onednn_fusions"] >= 6 and out["plain_fusions"] == 0, out
+    np.testing.assert_allclose(*out["value"], rtol=1e-5)
+    assert out["grad_error"] < 1e-5, out
+
+
 def test_forward_matmuls_by_cpu_vendor():
-    assert backend.forward_ynn_fusion_type("GenuineIntel") == ""  # XLA's own matmuls
+    assert backend.forward_ynn_fusion_type("GenuineIntel") == ""  # oneDNN has the matmuls
     assert backend.forward_ynn_fusion_type("AuthenticAMD") == backend.FORWARD_YNN_FUSION_TYPE
     assert backend.forward_ynn_fusion_type("") == backend.FORWARD_YNN_FUSION_TYPE
     vendor = backend.cpu_vendor()

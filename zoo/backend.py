@@ -9,8 +9,8 @@ their gradients (3x3, 64 channels, 16x56x56: forward 62 vs 36 ms, forward + both
 
     --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce
 
-appended to the user's XLA_FLAGS (nothing of theirs is replaced; a user who sets this flag
-themselves keeps their value). Whole models (benchmarks/throughput.py, and SPEED.md there):
+appended to the user's XLA_FLAGS (nothing of theirs is replaced; a user who sets this flag,
+or the oneDNN one below, keeps their value and gets none of zoo's). Whole models (benchmarks/throughput.py, and SPEED.md there):
 resnet20 training 68 -> 179 img/s, inference 654 -> 942; efficientnet_b0 6.05 -> 6.78 and
 47.5 -> 51.5. YNNPACK's "reduce" fusions matter for training: without them (only
 "individual_dot") efficientnet_b0 trains at 2.8 instead of 5.8 img/s and convnext_tiny at
@@ -25,6 +25,24 @@ than XLA's own loops (convnext_tiny inference 5.5 -> 9.6 img/s without it, swin_
 and the benchmark's inference therefore compile with `forward_compiler_options()`
 (only "individual_dot", for that one program). The flags only concern the CPU backend;
 GPU/TPU runs are unaffected.
+
+On Intel CPUs the matmuls go to oneDNN, which jaxlib's x86-64 wheels also carry, instead of
+YNNPACK (`cpu_flags`):
+
+    --xla_cpu_experimental_ynn_fusion_type=reduce --xla_cpu_use_onednn=true
+    --xla_cpu_experimental_onednn_fusion_type=individual_dot
+
+On a 2-core Xeon (Emerald Rapids), where PyTorch's MKL had run convnext_tiny's matmuls in its
+train step 1.9x as fast as YNNPACK, whole steps with oneDNN's matmuls against YNNPACK's, per
+round (5-6 rounds): training convnext_tiny 1.12x, vit_small 1.13x, swin_tiny 1.13x,
+resnet18-CIFAR 1.11x, resnet50 1.04x, efficientnet_b0 0.93x (its narrow 1x1 convolutions);
+inference against XLA's own (Eigen) matmuls, which forward programs there used before:
+swin_tiny 1.36x, resnet18-CIFAR 1.25x, resnet20 1.19x, vit_small 1.04x, resnet50 0.99x,
+convnext_tiny 0.98x, efficientnet_b0 0.92x (benchmarks/SPEED.md). Only single matmuls
+("individual_dot"): oneDNN's "dot" fusions also take in the elementwise producers of a
+matmul's operands, and oneDNN failed to compile one (convnext_tiny's head after its
+LayerNorm: "partition compile failed", and the process ended). AMD CPUs keep YNNPACK's
+matmuls, which ran faster there than PyTorch's MKL.
 
 The allocator (`keep_freed_memory`, Linux with glibc). XLA:CPU allocates one temporary
 buffer per execution of a program (3.06 GB for swin_tiny's training step at batch 16) and
@@ -67,16 +85,12 @@ import warnings
 
 CPU_YNN_FUSION_TYPES = "individual_dot,reduce"
 # The same option for one compilation (jax.jit(compiler_options=...)) takes the enum's name.
-# On Intel CPUs, forward programs give YNNPACK nothing (`forward_ynn_fusion_type`): on a
-# 2-core Xeon (Emerald Rapids) XLA's own (Eigen) matmuls ran the tall, narrow matmuls of these
-# models faster (12544x384 @ 384x1536 1.14x, 50176x192 @ 192x768 1.50x; 4096^2 0.98x), and
-# inference at batch 64, per round (6 rounds): convnext_tiny 1.256x, efficientnet_b0 1.137x,
-# vit_small 1.113x, resnet50 1.057x, resnet18-CIFAR (256) 0.982x, swin_tiny 0.935x (13.3 ->
-# 9.7 img/s in full runs: its small window matmuls), resnet20 (256) 0.912x. Training
-# gained nothing from it there (convnext_tiny 1.053x, vit_small 1.013x, resnet50 0.999x,
-# swin_tiny 0.940x); on AMD's Zen3 vit_small trained as fast with either, and AMD CPUs keep
-# YNNPACK's (benchmarks/SPEED.md).
+# On Intel CPUs, forward programs give YNNPACK nothing (`forward_ynn_fusion_type`): their
+# matmuls are oneDNN's (`cpu_flags`), and their reductions XLA's, as everywhere.
 FORWARD_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+INTEL_YNN_FUSION_TYPES = "reduce"
+ONEDNN_FLAG = "--xla_cpu_experimental_onednn_fusion_type"
+ONEDNN_FLAGS = f"--xla_cpu_use_onednn=true {ONEDNN_FLAG}=individual_dot"
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # XLA rewrites a reduction over more than 32 elements into sums over windows of 32
 # (reduce-window) and a sum of those, for the accuracy of long float32 sums. In a forward
@@ -109,11 +123,11 @@ def apply_cpu_flags() -> str:
         return ""
     if _backend_started():
         warnings.warn(
-            "zoo was imported after JAX started its backend, so zoo's XLA:CPU flag "
-            f"{YNN_FLAG}={CPU_YNN_FUSION_TYPES} (faster convolution training on CPU) and its "
+            "zoo was imported after JAX started its backend, so zoo's XLA:CPU flags "
+            f"{cpu_flags(cpu_vendor())} (faster convolution training on CPU) and its "
             "allocator settings (no page faults on every step's temporary buffer) are not in "
             "effect. Import zoo before running any JAX computation, or set them yourself "
-            "before Python starts (the flag in XLA_FLAGS; MALLOC_ARENA_MAX=1 "
+            "before Python starts (the flags in XLA_FLAGS; MALLOC_ARENA_MAX=1 "
             "MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1000000000000) or silence this with "
             f"{OPT_OUT}=0.",
             stacklevel=3,
@@ -123,9 +137,9 @@ def apply_cpu_flags() -> str:
     if os.environ.get(KEEP_OPT_OUT, "1") != "0":
         freed_memory_kept = keep_freed_memory()
     flags = os.environ.get("XLA_FLAGS", "")
-    if YNN_FLAG + "=" in flags:
+    if YNN_FLAG + "=" in flags or ONEDNN_FLAG + "=" in flags:
         return ""
-    added = f"{YNN_FLAG}={CPU_YNN_FUSION_TYPES}"
+    added = cpu_flags(cpu_vendor())
     os.environ["XLA_FLAGS"] = f"{flags} {added}".strip()
     return added
 
@@ -181,27 +195,40 @@ def ynn_convolutions() -> bool:
     return "individual_convolution" in ynn_fusion_types()
 
 
+def cpu_ynn_fusion_types(vendor: str) -> str:
+    """What zoo hands YNNPACK on a CPU of this vendor: reductions, and matmuls but on Intel
+    CPUs, whose matmuls go to oneDNN (`cpu_flags`)."""
+    return INTEL_YNN_FUSION_TYPES if vendor == "GenuineIntel" else CPU_YNN_FUSION_TYPES
+
+
+def cpu_flags(vendor: str) -> str:
+    """zoo's XLA:CPU flags for a CPU of this vendor (module doc)."""
+    flags = f"{YNN_FLAG}={cpu_ynn_fusion_types(vendor)}"
+    return f"{flags} {ONEDNN_FLAGS}" if vendor == "GenuineIntel" else flags
+
+
 def forward_ynn_fusion_type(vendor: str) -> str:
     """What a forward-only program hands YNNPACK: single matmuls, or on an Intel CPU nothing
-    (XLA's own matmuls, Eigen's, ran faster there; `FORWARD_YNN_FUSION_TYPE`)."""
+    (its matmuls are oneDNN's there; `cpu_flags`)."""
     return "" if vendor == "GenuineIntel" else FORWARD_YNN_FUSION_TYPE
 
 
 def forward_compiler_options() -> dict[str, str]:
     """`compiler_options` for a forward-only `jax.jit` (evaluation, inference): YNNPACK for
-    single matmuls only (module doc; nothing on Intel CPUs, `forward_ynn_fusion_type`), and
+    single matmuls only (module doc; nothing on Intel CPUs, whose matmuls are oneDNN's), and
     reductions without XLA's windowed rewrite (`FORWARD_DISABLED_PASSES`; left out when
     XLA_FLAGS names passes to disable itself).
     Empty, i.e. the process-wide setting, when zoo's flag is not the one in effect
     (`ZOO_XLA_DEFAULTS=0`, or the user's own value of the flag) or the default backend is not
     the CPU. Starts JAX's backend: call it when compiling."""
-    if ynn_fusion_types() != frozenset(CPU_YNN_FUSION_TYPES.split(",")):
+    vendor = cpu_vendor()
+    if ynn_fusion_types() != frozenset(cpu_ynn_fusion_types(vendor).split(",")):
         return {}
     import jax
 
     if jax.default_backend() != "cpu":
         return {}
-    options = {YNN_OPTION: forward_ynn_fusion_type(cpu_vendor())}
+    options = {YNN_OPTION: forward_ynn_fusion_type(vendor)}
     if f"--{DISABLE_PASSES_OPTION}" not in os.environ.get("XLA_FLAGS", ""):
         options[DISABLE_PASSES_OPTION] = FORWARD_DISABLED_PASSES
     return options
