@@ -10,13 +10,14 @@ their gradients (3x3, 64 channels, 16x56x56: forward 62 vs 36 ms, forward + both
     --xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce
 
 appended to the user's XLA_FLAGS (nothing of theirs is replaced; a user who sets this flag,
-or the oneDNN one below, keeps their value and gets none of zoo's). Whole models (benchmarks/throughput.py, and SPEED.md there):
-resnet20 training 68 -> 179 img/s, inference 654 -> 942; efficientnet_b0 6.05 -> 6.78 and
-47.5 -> 51.5. YNNPACK's "reduce" fusions matter for training: without them (only
-"individual_dot") efficientnet_b0 trains at 2.8 instead of 5.8 img/s and convnext_tiny at
-1.0 instead of 2.3 (the LayerNorm and normalisation gradients; measured while the
-depthwise kernel gradients were still YNNPACK reductions, which they no longer are:
-`zoo.models.conv` makes them one variadic reduction that YNNPACK does not take).
+or the oneDNN one below, keeps their value and gets none of zoo's). Whole models
+(benchmarks/throughput.py, and SPEED.md there): resnet20 training 68 -> 179 img/s, inference
+654 -> 942; efficientnet_b0 6.05 -> 6.78 and 47.5 -> 51.5. YNNPACK's "reduce" fusions matter
+for training: without them (only "individual_dot") efficientnet_b0 trains at 2.8 instead of
+5.8 img/s and convnext_tiny at 1.0 instead of 2.3 (the LayerNorm and normalisation
+gradients; measured while the depthwise kernel gradients were still YNNPACK reductions,
+which they no longer are: `zoo.models.conv` makes them one variadic reduction that YNNPACK
+does not take).
 
 Forward-only programs want the opposite: a "reduce" fusion takes the LayerNorm in front of
 a matmul, and the depthwise convolution before it, into one YNNPACK call that runs slower
