@@ -3,6 +3,7 @@ flags once, when the backend starts)."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -112,7 +113,7 @@ print("RESULT " + json.dumps({
 """
 
 
-@pytest.mark.skipif(os.uname().machine != "x86_64", reason="jaxlib has oneDNN on x86-64 only")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="jaxlib has oneDNN on x86-64 only")
 def test_onednn_matmuls_equal_xlas():
     # zoo's Intel flags, in a process on any x86-64 CPU: the dots of a dense layer and of
     # attention, forward and backward, run in oneDNN and equal XLA's own to float32 round-off
