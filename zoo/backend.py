@@ -125,7 +125,7 @@ def apply_cpu_flags() -> str:
     if _backend_started():
         warnings.warn(
             "zoo was imported after JAX started its backend, so zoo's XLA:CPU flags "
-            f"{cpu_flags(cpu_vendor())} (faster convolution training on CPU) and its "
+            f"{cpu_flags(cpu_vendor())} (faster training and inference on CPU) and its "
             "allocator settings (no page faults on every step's temporary buffer) are not in "
             "effect. Import zoo before running any JAX computation, or set them yourself "
             "before Python starts (the flags in XLA_FLAGS; MALLOC_ARENA_MAX=1 "
@@ -196,22 +196,28 @@ def ynn_convolutions() -> bool:
     return "individual_convolution" in ynn_fusion_types()
 
 
+def matmuls_in_onednn(vendor: str) -> bool:
+    """Whether zoo gives a CPU of this vendor's matmuls to oneDNN (Intel) rather than YNNPACK
+    (module doc)."""
+    return vendor == "GenuineIntel"
+
+
 def cpu_ynn_fusion_types(vendor: str) -> str:
-    """What zoo hands YNNPACK on a CPU of this vendor: reductions, and matmuls but on Intel
-    CPUs, whose matmuls go to oneDNN (`cpu_flags`)."""
-    return INTEL_YNN_FUSION_TYPES if vendor == "GenuineIntel" else CPU_YNN_FUSION_TYPES
+    """What zoo hands YNNPACK on a CPU of this vendor: reductions, and matmuls unless they
+    go to oneDNN (`matmuls_in_onednn`)."""
+    return INTEL_YNN_FUSION_TYPES if matmuls_in_onednn(vendor) else CPU_YNN_FUSION_TYPES
 
 
 def cpu_flags(vendor: str) -> str:
     """zoo's XLA:CPU flags for a CPU of this vendor (module doc)."""
     flags = f"{YNN_FLAG}={cpu_ynn_fusion_types(vendor)}"
-    return f"{flags} {ONEDNN_FLAGS}" if vendor == "GenuineIntel" else flags
+    return f"{flags} {ONEDNN_FLAGS}" if matmuls_in_onednn(vendor) else flags
 
 
 def forward_ynn_fusion_type(vendor: str) -> str:
-    """What a forward-only program hands YNNPACK: single matmuls, or on an Intel CPU nothing
-    (its matmuls are oneDNN's there; `cpu_flags`)."""
-    return "" if vendor == "GenuineIntel" else FORWARD_YNN_FUSION_TYPE
+    """What a forward-only program hands YNNPACK: single matmuls, or nothing where the
+    matmuls are oneDNN's (`matmuls_in_onednn`)."""
+    return "" if matmuls_in_onednn(vendor) else FORWARD_YNN_FUSION_TYPE
 
 
 def forward_compiler_options() -> dict[str, str]:
