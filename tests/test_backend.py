@@ -124,8 +124,11 @@ def test_onednn_matmuls_equal_xlas():
 
 
 def test_forward_matmuls_by_cpu_vendor():
-    assert backend.forward_ynn_fusion_type("GenuineIntel") == ""  # oneDNN has the matmuls
-    assert backend.forward_ynn_fusion_type("AuthenticAMD") == backend.FORWARD_YNN_FUSION_TYPE
+    for vendor in ("GenuineIntel", "AuthenticAMD"):  # oneDNN has the matmuls
+        assert backend.forward_matmuls_in_onednn(vendor)
+        assert backend.forward_ynn_fusion_type(vendor) == ""
+    assert not backend.matmuls_in_onednn("AuthenticAMD")  # but not the train steps'
+    assert not backend.forward_matmuls_in_onednn("")  # elsewhere (aarch64) YNNPACK has them
     assert backend.forward_ynn_fusion_type("") == backend.FORWARD_YNN_FUSION_TYPE
     vendor = backend.cpu_vendor()
     if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
@@ -161,6 +164,11 @@ def reductions_in_ynnpack(options):
     called = re.findall(r"ynn_fusion[\\w.]* = .*?calls=%?([\\w.-]+)", hlo)
     return sum(" reduce(" in bodies.get(name, "") for name in called)
 
+def onednn_matmuls(options):
+    args = jnp.ones((256, 64)), jnp.ones((64, 128))
+    hlo = jax.jit(layer_norm_dense, compiler_options=options).lower(*args).compile().as_text()
+    return hlo.count('"kind":"__onednn_fusion"')
+
 def windowed_reductions(options):  # over 384 features, as vit_small's LayerNorm
     args = jnp.ones((256, 384)), jnp.ones((384, 128))
     hlo = jax.jit(layer_norm_dense, compiler_options=options).lower(*args).compile().as_text()
@@ -173,6 +181,8 @@ print("RESULT " + json.dumps({
     "forward": reductions_in_ynnpack(options),
     "windows_left_in": windowed_reductions({backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE}),
     "forward_windows": windowed_reductions(options),
+    "onednn_default": onednn_matmuls({}),
+    "onednn_forward": onednn_matmuls(options),
 }))
 """
 
@@ -185,17 +195,24 @@ def test_forward_programs_keep_reductions_out_of_ynnpack():
     # zoo's flag: training programs hand reductions (here the LayerNorm's) to YNNPACK, zoo's
     # forward-only programs (compiled with forward_compiler_options) leave them to XLA.
     out = forward_probe()
-    forward_type = backend.forward_ynn_fusion_type(backend.cpu_vendor())
+    vendor = backend.cpu_vendor()
+    forward_type = backend.forward_ynn_fusion_type(vendor)
+    onednn = backend.ONEDNN_OPTIONS if backend.forward_matmuls_in_onednn(vendor) else {}
     assert out["options"] == {
         backend.YNN_OPTION: forward_type,
+        **onednn,
         backend.DISABLE_PASSES_OPTION: backend.FORWARD_DISABLED_PASSES,
     }
     assert out["default"] >= 1 and out["forward"] == 0
+    # the matmul in oneDNN on Intel and AMD CPUs: in every program on Intel's, in forward
+    # programs only on AMD's
+    assert out["onednn_forward"] == (1 if onednn else 0), out
+    assert out["onednn_default"] == (1 if backend.matmuls_in_onednn(vendor) else 0), out
     # and their reductions are single passes, not sums over windows of 32 and then of those
     assert out["windows_left_in"] >= 1 and out["forward_windows"] == 0
     # passes the user disables themselves are left alone
     theirs = forward_probe(XLA_FLAGS="--xla_disable_hlo_passes=algsimp")["options"]
-    assert theirs == {backend.YNN_OPTION: forward_type}
+    assert theirs == {backend.YNN_OPTION: forward_type, **onednn}
     # the opt-out and a user's own flag: no per-program options, the process setting rules
     assert forward_probe(**{backend.OPT_OUT: "0"})["options"] == {}
     own = forward_probe(XLA_FLAGS=f"{backend.YNN_FLAG}=individual_dot,individual_convolution")

@@ -24,7 +24,8 @@ a matmul, and the depthwise convolution before it, into one YNNPACK call that ru
 than XLA's own loops (convnext_tiny inference 5.5 -> 9.6 img/s without it, swin_tiny 8.2
 -> 9.2, vit_small 9.6 -> 10.0, efficientnet_b0 equal). zoo's evaluation step, `Classifier`
 and the benchmark's inference therefore compile with `forward_compiler_options()`
-(only "individual_dot", for that one program). The flags only concern the CPU backend;
+(no "reduce" fusions for that one program; its matmuls in YNNPACK, or in oneDNN on x86-64,
+below). The flags only concern the CPU backend;
 GPU/TPU runs are unaffected.
 
 On Intel CPUs the matmuls go to oneDNN, which jaxlib's x86-64 wheels also carry, instead of
@@ -43,7 +44,12 @@ convnext_tiny 0.98x, efficientnet_b0 0.92x (benchmarks/SPEED.md). Only single ma
 ("individual_dot"): oneDNN's "dot" fusions also take in the elementwise producers of a
 matmul's operands, and oneDNN failed to compile one (convnext_tiny's head after its
 LayerNorm: "partition compile failed", and the process ended). AMD CPUs keep YNNPACK's
-matmuls, which ran faster there than PyTorch's MKL.
+matmuls for training, where oneDNN's were no better overall (2-core Zen5, per round:
+resnet18-CIFAR 1.075x, resnet50 1.02x, convnext_tiny 1.01x, resnet20 0.99x, efficientnet_b0
+0.96x, vit_small 0.97x, swin_tiny 0.85x), but their forward-only programs take oneDNN's too
+(`forward_matmuls_in_onednn`, per program: `forward_compiler_options`): inference there, per
+round against YNNPACK's, vit_small 1.27x, convnext_tiny 1.26x, swin_tiny 1.14x, resnet50
+1.08x, resnet20 1.04x, resnet18-CIFAR 0.96x, efficientnet_b0 0.93x (6 rounds each).
 
 The allocator (`keep_freed_memory`, Linux with glibc). XLA:CPU allocates one temporary
 buffer per execution of a program (3.06 GB for swin_tiny's training step at batch 16) and
@@ -92,6 +98,10 @@ FORWARD_YNN_FUSION_TYPE = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 INTEL_YNN_FUSION_TYPES = "reduce"
 ONEDNN_FLAG = "--xla_cpu_experimental_onednn_fusion_type"
 ONEDNN_FLAGS = f"--xla_cpu_use_onednn=true {ONEDNN_FLAG}=individual_dot"
+ONEDNN_OPTIONS = {  # the same for one compilation
+    "xla_cpu_use_onednn": True,
+    ONEDNN_FLAG.removeprefix("--"): "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # XLA rewrites a reduction over more than 32 elements into sums over windows of 32
 # (reduce-window) and a sum of those, for the accuracy of long float32 sums. In a forward
@@ -214,17 +224,23 @@ def cpu_flags(vendor: str) -> str:
     return f"{flags} {ONEDNN_FLAGS}" if matmuls_in_onednn(vendor) else flags
 
 
+def forward_matmuls_in_onednn(vendor: str) -> bool:
+    """Whether a forward-only program's matmuls go to oneDNN on a CPU of this vendor: on
+    Intel's and AMD's (jaxlib's x86-64 wheels carry oneDNN; module doc)."""
+    return vendor in ("GenuineIntel", "AuthenticAMD")
+
+
 def forward_ynn_fusion_type(vendor: str) -> str:
     """What a forward-only program hands YNNPACK: single matmuls, or nothing where the
-    matmuls are oneDNN's (`matmuls_in_onednn`)."""
-    return "" if matmuls_in_onednn(vendor) else FORWARD_YNN_FUSION_TYPE
+    matmuls are oneDNN's (`forward_matmuls_in_onednn`)."""
+    return "" if forward_matmuls_in_onednn(vendor) else FORWARD_YNN_FUSION_TYPE
 
 
-def forward_compiler_options() -> dict[str, str]:
-    """`compiler_options` for a forward-only `jax.jit` (evaluation, inference): YNNPACK for
-    single matmuls only (module doc; nothing on Intel CPUs, whose matmuls are oneDNN's), and
-    reductions without XLA's windowed rewrite (`FORWARD_DISABLED_PASSES`; left out when
-    XLA_FLAGS names passes to disable itself).
+def forward_compiler_options() -> dict[str, str | bool]:
+    """`compiler_options` for a forward-only `jax.jit` (evaluation, inference): single
+    matmuls in oneDNN on Intel and AMD CPUs and in YNNPACK on others, nothing else in YNNPACK
+    (module doc), and reductions without XLA's windowed rewrite (`FORWARD_DISABLED_PASSES`;
+    left out when XLA_FLAGS names passes to disable itself).
     Empty, i.e. the process-wide setting, when zoo's flag is not the one in effect
     (`ZOO_XLA_DEFAULTS=0`, or the user's own value of the flag) or the default backend is not
     the CPU. Starts JAX's backend: call it when compiling."""
@@ -236,6 +252,8 @@ def forward_compiler_options() -> dict[str, str]:
     if jax.default_backend() != "cpu":
         return {}
     options = {YNN_OPTION: forward_ynn_fusion_type(vendor)}
+    if forward_matmuls_in_onednn(vendor):
+        options.update(ONEDNN_OPTIONS)
     if f"--{DISABLE_PASSES_OPTION}" not in os.environ.get("XLA_FLAGS", ""):
         options[DISABLE_PASSES_OPTION] = FORWARD_DISABLED_PASSES
     return options
