@@ -44,12 +44,14 @@ convnext_tiny 0.98x, efficientnet_b0 0.92x (benchmarks/SPEED.md). Only single ma
 ("individual_dot"): oneDNN's "dot" fusions also take in the elementwise producers of a
 matmul's operands, and oneDNN failed to compile one (convnext_tiny's head after its
 LayerNorm: "partition compile failed", and the process ended). AMD CPUs keep YNNPACK's
-matmuls for training, where oneDNN's were no better overall (2-core Zen5, per round:
-resnet18-CIFAR 1.075x, resnet50 1.02x, convnext_tiny 1.01x, resnet20 0.99x, efficientnet_b0
-0.96x, vit_small 0.97x, swin_tiny 0.85x), but their forward-only programs take oneDNN's too
+matmuls for training, where oneDNN's were not better on a 2-core Zen5 beyond its noise
+(train steps per round against YNNPACK's, repeated: swin_tiny 0.85x, 0.99x, 1.09x; vit_small
+0.97x, 1.18x; resnet18-CIFAR 1.075x, 0.99x; efficientnet_b0 0.96x twice; resnet50 1.02x,
+convnext_tiny 1.01x, resnet20 0.99x), but their forward-only programs take oneDNN's too
 (`forward_matmuls_in_onednn`, per program: `forward_compiler_options`): inference there, per
 round against YNNPACK's, vit_small 1.27x, convnext_tiny 1.26x, swin_tiny 1.14x, resnet50
-1.08x, resnet20 1.04x, resnet18-CIFAR 0.96x, efficientnet_b0 0.93x (6 rounds each).
+1.08x, resnet20 1.04x, resnet18-CIFAR 0.96x (1.05x in a second run of 8 rounds),
+efficientnet_b0 0.93x (6 rounds each).
 
 The allocator (`keep_freed_memory`, Linux with glibc). XLA:CPU allocates one temporary
 buffer per execution of a program (3.06 GB for swin_tiny's training step at batch 16) and
