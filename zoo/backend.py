@@ -24,9 +24,9 @@ a matmul, and the depthwise convolution before it, into one YNNPACK call that ru
 than XLA's own loops (convnext_tiny inference 5.5 -> 9.6 img/s without it, swin_tiny 8.2
 -> 9.2, vit_small 9.6 -> 10.0, efficientnet_b0 equal). zoo's evaluation step, `Classifier`
 and the benchmark's inference therefore compile with `forward_compiler_options()`
-(no "reduce" fusions for that one program; its matmuls in YNNPACK, or in oneDNN on x86-64,
-below). The flags only concern the CPU backend;
-GPU/TPU runs are unaffected.
+(no "reduce" fusions for that one program; its matmuls in oneDNN on Intel and AMD CPUs,
+below, in YNNPACK on others). The flags only concern the CPU backend; GPU/TPU runs are
+unaffected.
 
 On Intel CPUs the matmuls go to oneDNN, which jaxlib's x86-64 wheels also carry, instead of
 YNNPACK (`cpu_flags`):
