@@ -272,13 +272,15 @@ def timm_runner(
 # The speed switches of zoo.models: module-level settings read when a model is traced
 # (bools such as layers.ATTENTION_VJP, conv.IMPLEMENTATION "auto" / "xla", numbers such as
 # layers.ATTENTION_SLICES).
-SWITCH_MODULES = {name: f"zoo.models.{name}" for name in ("conv", "layers", "resnet", "swin")}
+SWITCH_MODULES = {
+    name: f"zoo.models.{name}" for name in ("conv", "layers", "resnet", "swin", "winograd")
+}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
 def available_switches() -> dict[str, bool | int | str]:
     """`module.NAME` -> current value of every switch in SWITCH_MODULES (conv, layers, resnet,
-    swin)."""
+    swin, winograd)."""
     found = {}
     for short, path in SWITCH_MODULES.items():
         for name, value in vars(importlib.import_module(path)).items():

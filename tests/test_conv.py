@@ -202,6 +202,31 @@ def test_winograd_equals_xla_convolution_to_round_off(shape):
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * scale)
 
 
+def norm_winograd_norm(x, kernel):
+    # ResNet's pattern around a Winograd convolution: BatchNorm-like normalisation and a ReLU
+    # on either side, so that elementwise producers could be fused into its transforms
+    def norm_relu(y):
+        return jax.nn.relu((y - y.mean((0, 1, 2))) / jnp.sqrt(y.var((0, 1, 2)) + 1e-5))
+
+    y = norm_relu(winograd.winograd_with_vjp(norm_relu(x), kernel))
+    return jnp.sum(y * jnp.arange(y.shape[-1]))
+
+
+@pytest.mark.parametrize("switch", ["ONE_BUFFER_INPUT", "ONE_BUFFER_GRADIENT"])
+def test_winograd_buffers_change_the_program_not_the_gradients(switch, monkeypatch):
+    """The forward keeps its input, the backward its output gradient, as one buffer each (a
+    conditional that XLA:CPU keeps); the gradients do not change."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 64))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 64, 64)) * 0.05
+    grad_program = jax.grad(norm_winograd_norm, argnums=(0, 1))
+    with_buffer = gradients(norm_winograd_norm, x, kernel)
+    count = conditionals(grad_program, x, kernel)  # with the kernel gradient's 16 transposes
+    monkeypatch.setattr(winograd, switch, False)
+    assert conditionals(grad_program, x, kernel) == count - 1
+    for a, b in zip(with_buffer, gradients(norm_winograd_norm, x, kernel), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
 def test_winograd_routes_3x3_stride_1_convolutions(monkeypatch):
     """16 matmuls instead of a convolution in the forward program; the switch and the channel
     threshold turn it off, and strided or narrow convolutions stay XLA's."""

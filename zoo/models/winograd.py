@@ -26,6 +26,13 @@ from zoo import backend
 # resnet18-CIFAR's train step at batch 128 without it: 0.944x per round (6 rounds, 5 slower).
 ONE_BUFFER_INPUT = True  # False (before tracing): leave the fusion to XLA
 
+# The backward pass reads the output gradient 32 times (16 planes of the input gradient's
+# transform, 16 of the kernel gradient's), and XLA:CPU fused the gradient's producer (the
+# following BatchNorm's backward, 10 operands) into each of those reads and recomputed it
+# there: resnet18-CIFAR's first-stage planes took 5-10 ms each in its train step against
+# 0.7 ms alone. So the gradient is computed into one buffer first (`backend.one_buffer`).
+ONE_BUFFER_GRADIENT = True  # False (before tracing): leave the fusion to XLA
+
 
 def _tile_input(d):
     """B^T applied along a list of 4 rows (or columns) of a 4x4 tile."""
@@ -152,6 +159,7 @@ def _winograd_backward(residuals, grad):
     both, so one operand is written transposed first (as `conv.matmul_with_vjp` does)."""
     x, u = residuals
     grad = grad.astype(x.dtype)
+    grad = backend.one_buffer(grad) if ONE_BUFFER_GRADIENT else grad
     grad_x = _winograd(grad, [u[t] for t in _FLIPPED_TILE], transposed=True)
     v, m = winograd_inputs(x), winograd_outputs_transposed(grad)
     cin, cout = u[0].shape
