@@ -21,6 +21,7 @@ CASES = [  # (in, out, kernel, stride, padding, groups, size): each of conv2d's 
     (8, 8, 7, 1, ((3, 3), (3, 3)), 8, 9),  # depthwise 7x7 (ConvNeXt): custom VJP
     (8, 8, 4, 1, "SAME", 8, 9),  # depthwise, asymmetric padding: custom VJP
     (8, 8, 3, 1, ((2, 0), (0, 1)), 8, 7),  # depthwise, one-sided padding: custom VJP
+    (8, 8, 3, 1, ((3, 1), (1, 1)), 8, 7),  # depthwise, padding beyond the kernel's reach
     (8, 8, 3, 2, ((1, 1), (1, 1)), 8, 9),  # strided depthwise (EfficientNet): custom VJP
     (8, 8, 3, 2, ((1, 1), (1, 1)), 8, 10),  # strided depthwise, last row in no window
     (8, 8, 5, 2, "SAME", 8, 10),  # depthwise SAME (tf_efficientnet)

@@ -254,6 +254,12 @@ def _depthwise_backward(strides, pads, residuals, grad):
         ),
     )
     grad_x = shifted_depthwise(spread, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)))
+    low_h, low_w = kh - 1 - top, kw - 1 - left
+    if DEPTHWISE_GRAD_FROM_SPREAD and min(low_h, low_w) >= 0:
+        # grad again, read from the spread buffer (XLA:CPU computes the padded gradient into
+        # one buffer) rather than recomputed from its producers inside each reduction
+        rows = slice(low_h, low_h + sh * (out_h - 1) + 1, sh)
+        grad = spread[:, rows, low_w : low_w + sw * (out_w - 1) + 1 : sw]
     taps = shifted_windows(x, (kh, kw), strides, pads)
     products = [tap * grad for tap in taps]
     step = TAPS_PER_REDUCTION
@@ -262,6 +268,12 @@ def _depthwise_backward(strides, pads, residuals, grad):
     grad_kernel = per_example.sum(1).reshape(kh, kw, 1, -1)
     return grad_x, grad_kernel.astype(kernel.dtype)
 
+
+# The kernel gradient reads the output gradient once per variadic reduction (two for a 5x5
+# kernel), and XLA:CPU fused the gradient's producer (the following BatchNorm's backward) into
+# each; the input gradient's spread (dilated, padded) gradient is computed into a buffer, so
+# the reductions read the gradient back out of it.
+DEPTHWISE_GRAD_FROM_SPREAD = True  # False (before tracing): the reductions read grad itself
 
 # The kernel gradient's variadic reductions take at most 13 taps each: one reduction of all 49
 # products of a 7x7 kernel ran slower than four of 12-13 (alone, at convnext_tiny's stage
