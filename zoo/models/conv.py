@@ -272,7 +272,9 @@ def _depthwise_backward(strides, pads, residuals, grad):
 # The kernel gradient reads the output gradient once per variadic reduction (two for a 5x5
 # kernel), and XLA:CPU fused the gradient's producer (the following BatchNorm's backward) into
 # each; the input gradient's spread (dilated, padded) gradient is computed into a buffer, so
-# the reductions read the gradient back out of it.
+# the reductions read the gradient back out of it. Train step per round against without
+# (2-core Zen5, 8 rounds): efficientnet_b0 1.06x and 1.11x; convnext_tiny 0.95x and 1.00x
+# (its gradient comes from LayerNorm's hand-written backward, already a buffer).
 DEPTHWISE_GRAD_FROM_SPREAD = True  # False (before tracing): the reductions read grad itself
 
 # The kernel gradient's variadic reductions take at most 13 taps each: one reduction of all 49

@@ -29,8 +29,9 @@ ONE_BUFFER_INPUT = True  # False (before tracing): leave the fusion to XLA
 # The backward pass reads the output gradient 32 times (16 planes of the input gradient's
 # transform, 16 of the kernel gradient's), and XLA:CPU fused the gradient's producer (the
 # following BatchNorm's backward, 10 operands) into each of those reads and recomputed it
-# there: resnet18-CIFAR's first-stage planes took 5-10 ms each in its train step against
-# 0.7 ms alone. So the gradient is computed into one buffer first (`backend.one_buffer`).
+# there. So the gradient is computed into one buffer first (`backend.one_buffer`). Train step
+# per round against without (2-core Zen5): resnet18-CIFAR at batch 128 1.09x, resnet50 at 16
+# 1.05x (6 rounds each).
 ONE_BUFFER_GRADIENT = True  # False (before tracing): leave the fusion to XLA
 
 
