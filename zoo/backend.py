@@ -47,7 +47,8 @@ LayerNorm: "partition compile failed", and the process ended). AMD CPUs keep YNN
 matmuls for training, where oneDNN's were not better on a 2-core Zen5 beyond its noise
 (train steps per round against YNNPACK's, repeated: swin_tiny 0.85x, 0.99x, 1.09x; vit_small
 0.97x, 1.18x; resnet18-CIFAR 1.075x, 0.99x; efficientnet_b0 0.96x twice; resnet50 1.02x,
-convnext_tiny 1.01x, resnet20 0.99x), but their forward-only programs take oneDNN's too
+convnext_tiny 1.01x, resnet20 0.99x) nor on a 2-core Zen4 (convnext_tiny 1.04x, then 0.99x;
+swin_tiny 1.05x; vit_small 0.99x), but their forward-only programs take oneDNN's too
 (`forward_matmuls_in_onednn`, per program: `forward_compiler_options`): inference there, per
 round against YNNPACK's, vit_small 1.27x, convnext_tiny 1.26x, swin_tiny 1.14x, resnet50
 1.08x, resnet20 1.04x, resnet18-CIFAR 0.96x (1.05x in a second run of 8 rounds),
