@@ -39,6 +39,40 @@ def train(workdir, *args, wait=True):
     return output
 
 
+def tensorboard_scalars(path) -> dict[tuple[str, int], float]:
+    """{(tag, step): value} from a TensorBoard event file (TFRecord framing: length, its
+    CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    data, scalars, at = pathlib.Path(path).read_bytes(), {}, 0
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 8], "little")
+        event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            scalars[(value.tag, event.step)] = value.simple_value
+    return scalars
+
+
+def test_metric_writer_does_not_import_torch(tmp_path):
+    # tensorboardX imports torch when installed (seconds and ~600 MB); zoo's writer hides it
+    # for that import only: torch stays importable afterwards.
+    code = (
+        "import importlib.util, sys; from zoo.training import metrics; "
+        f"w = metrics.MetricWriter({str(tmp_path)!r}); w.write(3, 'train', {{'loss': 0.5}}); "
+        "w.close(); print('torch imported', 'torch' in sys.modules); "
+        "spec = importlib.util.find_spec('torch'); "
+        "print('torch importable', spec is None or __import__('torch') is sys.modules['torch'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch imported False" in result.stdout and "torch importable True" in result.stdout
+    (events_file,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    assert tensorboard_scalars(events_file) == {("train/loss", 3): 0.5}
+
+
 def final_params(workdir, step=12):
     state = ocp.StandardCheckpointer().restore(pathlib.Path(workdir) / f"checkpoints/{step}/state")
     return state["params"], state["model_state"]
@@ -63,7 +97,11 @@ def test_short_run_writes_checkpoints_metrics_and_plots(uninterrupted):
     assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss"]) for r in records)
     for png in ("curves.png", "confusion_matrix.png"):
         assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    (events_file,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    scalars = tensorboard_scalars(events_file)
+    for r in records:  # TensorBoard has what metrics.jsonl has (as float32)
+        for key in ("loss", "accuracy"):
+            assert scalars[(f"{r['split']}/{key}", r["step"])] == pytest.approx(r[key], rel=1e-6)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 12 and summary["eval_count"] == 2000
     assert summary["freed_memory_kept"] is False  # configs/default.py: keep_freed_memory=False
