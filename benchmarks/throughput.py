@@ -168,7 +168,8 @@ def zoo_runner(case: Case, mode: str, batch: int, dtype, num_classes: int = 1000
     data = fake_batch(batch, case.size, num_classes)
     rng = jax.random.PRNGKey(0)
     variables = jax.jit(
-        lambda r: model.init(r, jnp.zeros((1, case.size, case.size, 3)), train=False)
+        lambda r: model.init(r, jnp.zeros((1, case.size, case.size, 3)), train=False),
+        compiler_options=backend.once_compiler_options(),
     )(rng)
     forward = jax.jit(  # compiled as zoo's evaluation step and Classifier compile a forward
         lambda v, x: model.apply(v, x, train=False),

@@ -7,9 +7,12 @@ import platform
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import zoo
 from zoo import backend
 
 PROBE = """
@@ -279,3 +282,21 @@ def test_transposed_buffer(monkeypatch, in_branches):
     operand = conditional.split(" conditional(")[1].split(",")[1].strip()  # the branch tuple
     defined = next(line for line in hlo.splitlines() if f"{operand} = " in line)
     assert ("f32[6,4]{1,0}" in defined) == in_branches, defined
+
+
+def test_once_compiler_options_give_the_same_parameters(monkeypatch):
+    # LLVM at -O1 for a program that runs once: less compile time, the same bits.
+    model = zoo.create_model("resnet8", num_classes=10)
+    rng = jax.random.PRNGKey(3)
+
+    def init(r):
+        return model.init({"params": r}, jnp.zeros((2, 28, 28, 1)), train=False)
+
+    options = backend.once_compiler_options()
+    assert options == {"xla_backend_optimization_level": backend.ONCE_OPTIMIZATION_LEVEL}
+    once = jax.jit(init, compiler_options=options)(rng)
+    default = jax.jit(init)(rng)
+    for got, want in zip(jax.tree.leaves(once), jax.tree.leaves(default), strict=True):
+        np.testing.assert_array_equal(got, want)
+    monkeypatch.setenv(backend.OPT_OUT, "0")
+    assert backend.once_compiler_options() == {}

@@ -159,7 +159,10 @@ def init_state(method, tx, example_batch, augment, rng, mesh) -> TrainState:
             extra=extra,
         )
 
-    return jax.jit(init, out_shardings=replicated)(rng)
+    # Runs once: compiled for compile time (same parameters, `backend.once_compiler_options`).
+    return jax.jit(
+        init, out_shardings=replicated, compiler_options=backend.once_compiler_options()
+    )(rng)
 
 
 def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
