@@ -22,6 +22,11 @@ def base() -> ml_collections.ConfigDict:
     c.model.name = "resnet20"
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.drop_path_rate = 0.0
+    # Architecture changes ('' / 0 = the registered variant's): a ResNet's "cifar" stem (one
+    # 3x3/1 conv, as SimCLR's CIFAR ResNets), a ViT's patch size and position-embedding grid.
+    c.model.stem = ""
+    c.model.patch_size = 0
+    c.model.img_size = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "fashion_mnist_mini"
@@ -57,13 +62,35 @@ def base() -> ml_collections.ConfigDict:
     # Binary/multilabel: a sigmoid output above this probability counts as positive
     # (accuracy, precision, recall, F1); ROC-AUC and mAP do not depend on it.
     c.method.threshold = 0.5
+    # Self-supervised methods (zoo/methods/simclr.py, byol.py, dino.py; 0 = the method's default).
+    c.method.temperature = 0.1  # SimCLR's NT-Xent; DINO's student
+    c.method.proj_hidden_dim = 0  # projector/head hidden width (SimCLR D, BYOL 2D, DINO 2048)
+    c.method.proj_dim = 0  # projection (SimCLR 128, BYOL 256) or DINO's bottleneck (256)
+    c.method.crop_size = 0  # side of the random-resized crops; 0 = the dataset's image size
+    c.method.crop_min_scale = 0.08  # crops cover this-1 of the image (DINO's global: 0.4)
+    c.method.color_jitter = 0.5  # strength s; 0 = no colour jitter and no grayscale
+    c.method.blur = True  # Gaussian blur as each paper (off for 32 px images, as on CIFAR)
+    c.method.ema_momentum = 0.996  # BYOL/DINO teacher momentum, cosine to 1
+    c.method.out_dim = 65536  # DINO: K outputs
+    c.method.head_batch_norm = False  # DINO head: BatchNorm in its MLP (as for ResNets)
+    c.method.center_momentum = 0.9
+    c.method.teacher_temp_start = 0.04
+    c.method.teacher_temp = 0.04  # after the warmup; the paper goes up to 0.07
+    c.method.teacher_temp_warmup_epochs = 0.0
+    c.method.freeze_last_layer_epochs = 1.0
+    c.method.num_local_crops = 0  # DINO's local views (the paper: 6 at 96 px, 8 for ViT-S)
+    c.method.local_crop_size = 0  # 0 = 96/224 of crop_size
+    c.method.local_crop_min_scale = 0.05  # local crops cover this-crop_min_scale
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"  # sgd | adamw
-    c.optim.lr = 0.1  # peak learning rate
+    c.optim.name = "sgd"  # sgd | adamw | lars
+    c.optim.lr = 0.1  # peak learning rate (per lr_base_batch images, when that is set)
+    c.optim.lr_base_batch = 0  # N > 0: peak lr = lr * data.batch_size / N (linear scaling)
     c.optim.momentum = 0.9
     c.optim.nesterov = True
     c.optim.weight_decay = 5e-4  # kernels only; see zoo/training/optim.py
+    c.optim.weight_decay_end = -1.0  # >= 0: cosine from weight_decay to this (DINO 0.04 -> 0.4)
+    c.optim.trust_coefficient = 1e-3  # LARS
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
@@ -80,6 +107,14 @@ def base() -> ml_collections.ConfigDict:
 
     c.evals = ml_collections.ConfigDict()
     c.evals.every_steps = 0  # 0 = once per epoch
+    # Evaluators (zoo/training/evaluate.py), comma-separated: classification (a classifier's
+    # metrics on the eval split), knn and linear_probe (on the backbone's features: the
+    # training split's, made with the eval ops, against the eval split's).
+    c.evals.names = "classification"
+    c.evals.knn = ml_collections.ConfigDict({"k": 20, "temperature": 0.07})  # as DINO
+    c.evals.linear_probe = ml_collections.ConfigDict(
+        {"steps": 500, "lr": 0.01, "weight_decay": 1e-4}  # full-batch Adam
+    )
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500

@@ -168,6 +168,6 @@ def test_supervised_loss_uses_soft_targets_when_present():
     one_hot = {**batch, "targets": jax.nn.one_hot(LABELS, 5)}
     same, _ = method.loss(params, state, extra, one_hot, rng, train=False)
     uniform = {**batch, "targets": jnp.full((B, 5), 0.2)}
-    other, (metrics, _) = method.loss(params, state, extra, uniform, rng, train=False)
+    other, (metrics, _, _) = method.loss(params, state, extra, uniform, rng, train=False)
     np.testing.assert_allclose(plain, same, rtol=1e-6)
     assert not np.isclose(plain, other) and 0.0 <= float(metrics["accuracy"]) <= 1.0

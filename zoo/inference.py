@@ -452,6 +452,14 @@ def _load_workdir(
         dataset_name = data_config.name
     except (ValueError, AttributeError, KeyError) as e:
         raise ValueError(f"{config_path} is not a zoo run config ({e})") from None
+    method = config.get("method", {}).get("name", "supervised")
+    if method != "supervised":
+        raise ValueError(
+            f"{workdir} pretrained features with method '{method}' and has no classifier: "
+            f"fine-tune it first (python train.py --config.init_from={workdir} "
+            "--workdir=<new dir>), or evaluate its features with python -m zoo.evaluate "
+            f"--workdir={workdir}"
+        )
     if model is not None and model != name:
         raise ValueError(
             f"model='{model}' but {workdir} trained '{name}': leave model out with a workdir "

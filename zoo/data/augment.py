@@ -260,11 +260,15 @@ def make_augment(
     grayscale_prob: float = 0.0,
     blur_prob: float = 0.0,
     solarize_prob: float = 0.0,
+    per_view: dict[str, dict[str, float]] | None = None,
 ) -> Augment:
     """The device-side batch transform of a run: `augment(batch, rng) -> batch`.
 
     With every option at its default it only normalises (the eval transform). Mixing needs
     `num_classes` and integer labels (multiclass); it adds `targets` [B, K] to the batch.
+    The photometric options apply to every view, except those whose key (`image`, `image_1`,
+    ...) `per_view` maps to their own `photometric` keyword arguments (a method's views:
+    BYOL's and DINO's views differ in blur and solarize).
     """
     mean, std = tuple(mean), tuple(std)
     mixing = mixup_alpha > 0 or cutmix_alpha > 0
@@ -277,16 +281,20 @@ def make_augment(
         blur_prob=blur_prob,
         solarize_prob=solarize_prob,
     )
-    photometric_on = color_jitter > 0 or grayscale_prob > 0 or blur_prob > 0 or solarize_prob > 0
+
+    def photometric_on(settings: dict[str, float]) -> bool:
+        keys = ("color_jitter_strength", "grayscale_prob", "blur_prob", "solarize_prob")
+        return any(settings.get(k, 0.0) > 0 for k in keys)
 
     def augment(batch: Batch, rng: jax.Array) -> Batch:
         batch = dict(batch)
         colour_rng, mix_rng = jax.random.split(rng)
         for i, key in enumerate(image_keys(batch)):
             images = batch[key]
-            if photometric_on:
+            settings = colour if per_view is None else per_view.get(key, colour)
+            if photometric_on(settings):
                 images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
-                images = photometric(images, jax.random.fold_in(colour_rng, i), **colour)
+                images = photometric(images, jax.random.fold_in(colour_rng, i), **settings)
             batch[key] = normalize(images, mean, std)
         if mixing:
             batch["image"], batch["targets"] = mixup_cutmix(
@@ -305,9 +313,16 @@ def make_augment(
     return augment
 
 
-def augment_from_config(data_config: Any, spec: Any, label_smoothing: float = 0.0) -> Augment:
-    """The train-time `augment` of a run from the config's `data` namespace and its dataset."""
+def augment_from_config(
+    data_config: Any, spec: Any, label_smoothing: float = 0.0, views: Sequence[Any] | None = None
+) -> Augment:
+    """The train-time `augment` of a run from the config's `data` namespace and its dataset.
+
+    `views` (a method's `View`s) give each view its photometric ops; without them every view
+    gets the `data` namespace's. Mixup/cutmix (supervised multiclass) come from `data`.
+    """
     c = data_config
+    per_view = None if views is None else {view.key: dict(view.photometric) for view in views}
     return make_augment(
         spec.mean,
         spec.std,
@@ -322,4 +337,5 @@ def augment_from_config(data_config: Any, spec: Any, label_smoothing: float = 0.
         grayscale_prob=c.grayscale_prob,
         blur_prob=c.blur_prob,
         solarize_prob=c.solarize_prob,
+        per_view=per_view,
     )

@@ -19,7 +19,7 @@ import copy
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -45,13 +45,16 @@ def train_iterator(
     data_config: Any,
     *,
     seed: int,
+    views: Sequence[Any] | None = None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of train batches for this process.
 
     Batches are dicts of numpy arrays: `image` uint8 [B, H, W, C] and `label` int32 [B],
-    where B = data.batch_size / process_count.
+    where B = data.batch_size / process_count, and one more array per extra view of the
+    method (`views`, zoo/methods/base.py's `View`: `image_1`, ...), each made from the same
+    example by the view's own host ops. Without `views`, `data.train_ops` make `image`.
     """
     batch_size = local_batch_size(data_config.batch_size, process_count)
     source = spec.source("train", data_config)
@@ -62,9 +65,9 @@ def train_iterator(
             f"one batch ({batch_size}); lower data.batch_size"
         )
     ds = ds.shuffle(seed=seed).repeat()
-    ops = build_ops(data_config.train_ops)
-    if ops:
-        ds = ds.random_map(skip_none(compose(ops)), seed=seed)
+    op = views_op(views, data_config)
+    if op is not None:
+        ds = ds.random_map(skip_none(op), seed=seed)
     # Sources return None for an unreadable file (sources.py); dropping it after the map keeps
     # every other example's rng (seeded by its index) and the iterator state exact.
     iter_ds = ds.to_iter_dataset(read_options(source)).filter(lambda example: example is not None)
@@ -77,6 +80,30 @@ def train_iterator(
             grain.MultiprocessingOptions(num_workers=data_config.num_workers)
         )
     return iter(iter_ds)
+
+
+def views_op(views: Sequence[Any] | None, data_config: Any) -> Callable | None:
+    """The host op that makes every view of an example (None when there is nothing to do).
+
+    One view keyed `image` is its host ops applied in place; several views are each made from
+    the original example by their own ops, in order, from the example's one generator (so the
+    same seed gives the same views).
+    """
+    if views is None:
+        ops = build_ops(data_config.train_ops)
+        return compose(ops) if ops else None
+    if len(views) == 1 and views[0].key == "image":
+        ops = build_ops(views[0].host_ops)
+        return compose(ops) if ops else None
+    made = [(view.key, compose(build_ops(view.host_ops))) for view in views]
+
+    def op(example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        out = {k: v for k, v in example.items() if k != "image"}
+        for key, make in made:
+            out[key] = make(example, rng)["image"]
+        return out
+
+    return op
 
 
 def in_memory(source: Any) -> bool:
@@ -160,16 +187,19 @@ def eval_batches(
     spec: DatasetSpec,
     data_config: Any,
     *,
+    role: str = "eval",
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example of this process once, in fixed-size batches with a `mask`.
+    """Every example of the split playing `role` once (this process's share), with the eval
+    ops, in fixed-size batches with a `mask`. `role="train"` serves feature evaluators
+    (k-NN, linear probe), which need the training split's features without augmentation.
 
     Each process yields the same number of batches (padding with masked examples), so that
     collectives in the eval step never wait on a process that ran out.
     """
     batch_size = local_batch_size(data_config.eval_batch_size, process_count)
-    source = spec.source("eval", data_config)
+    source = spec.source(role, data_config)
     ds = grain.MapDataset.source(source)[process_index::process_count]
     eval_ops = build_ops(data_config.eval_ops)
     if eval_ops:
@@ -198,14 +228,18 @@ def skip_none(op):
     return apply
 
 
-def example_batch(spec: DatasetSpec, data_config: Any) -> dict[str, np.ndarray]:
-    """A batch of one training example after the train ops, to initialise a model with the
-    shapes it will train on (the first readable example of the training split)."""
+def example_batch(
+    spec: DatasetSpec, data_config: Any, views: Sequence[Any] | None = None
+) -> dict[str, np.ndarray]:
+    """A batch of one training example after the train ops (of each view, see
+    `train_iterator`), to initialise a model with the shapes it will train on (the first
+    readable example of the training split)."""
     source = spec.source("train", data_config)
     example = next((e for e in (source[i] for i in range(len(source))) if e is not None), None)
     if example is None:
         raise ValueError(f"dataset '{spec.name}' has no readable training example")
-    example = compose(build_ops(data_config.train_ops))(example, np.random.default_rng(0))
+    op = views_op(views, data_config) or compose([])
+    example = op(example, np.random.default_rng(0))
     return {k: np.asarray(v)[None] for k, v in example.items()}
 
 

@@ -10,21 +10,20 @@
 
 Label smoothing for the sigmoid tasks moves each 0/1 target towards 1/2: y(1 - s) + s/2.
 
-A method is one frozen dataclass of pure functions (DESIGN.md): `init`, `loss`,
-`update_extra`, `logits`, and `eval_sums`, which the one eval step (zoo/training/step.py)
-calls to get the task's (sum, count) statistics of a batch, so evaluation is not forked either.
+A method is one frozen dataclass of pure functions (zoo/methods/base.py): `init`, `loss`,
+`update_extra`, `features`, `logits`, and `eval_sums`, which the one eval step
+(zoo/training/step.py) calls to get the task's (sum, count) statistics of a batch, so
+evaluation is not forked either.
 
     method = supervised(model, num_classes=10, label_smoothing=0.1)           # multiclass
     method = supervised(model, num_classes=1, task="binary")
     method = supervised(model, num_classes=10, task="multilabel", threshold=0.5)
-    loss, (metrics, model_state) = method.loss(params, model_state, extra, batch, rng,
-                                               train=True)
+    loss, (metrics, model_state, aux) = method.loss(params, model_state, extra, batch, rng,
+                                                    train=True)
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -32,24 +31,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zoo.methods.base import METHODS, Method, View, keep_extra
+
 Batch = dict[str, Any]
 TASKS = ("multiclass", "binary", "multilabel")
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """The functions that make a training method; every field is a pure function."""
-
-    name: str
-    views: tuple[str, ...]  # what the data pipeline produces per example
-    init: Callable[..., tuple[Any, Any, Any]]  # (rng, batch) -> (params, model_state, extra)
-    loss: Callable[..., tuple[jax.Array, tuple[dict, Any]]]
-    update_extra: Callable[[Any, Any, jax.Array], Any]  # (extra, params, step) -> extra
-    logits: Callable[..., jax.Array]  # (params, model_state, images) -> [B, classes], eval
-    # (logits, batch with "label" and "mask") -> {name: sum over the masked batch}; an optional
-    # "per_example" entry holds [B, ...] arrays (scores, labels) that evaluation collects.
-    eval_sums: Callable[[jax.Array, Batch], dict[str, Any]]
-    task: str = "multiclass"
 
 
 def smoothed_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -89,6 +74,7 @@ def supervised(
     label_smoothing: float = 0.0,
     task: str = "multiclass",
     threshold: float = 0.5,
+    views: tuple[View, ...] = (View("image", ""),),
 ) -> Method:
     """Classification with the loss and eval statistics of `task` (see module docstring).
 
@@ -99,6 +85,7 @@ def supervised(
       task: "multiclass", "binary" or "multilabel".
       threshold: probability above which a sigmoid output counts as positive (binary and
         multilabel accuracy, precision, recall, F1).
+      views: the data pipeline's views (one: `image`, with the config's `data.train_ops`).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
@@ -114,7 +101,7 @@ def supervised(
         params = variables.pop("params")
         return params, dict(variables), {}
 
-    def loss(params, model_state, extra, batch: Batch, rng: jax.Array, *, train: bool):
+    def loss(params, model_state, extra, batch: Batch, rng: jax.Array, *, train: bool, **_):
         del extra
         variables = {"params": params, **model_state}
         if train:
@@ -142,10 +129,14 @@ def supervised(
             )
             # Per-label accuracy at the threshold (binary: the plain accuracy).
             accuracy = jnp.mean((logits > logit_threshold) == (hard > 0.5))
-        return jnp.mean(per_example), ({"accuracy": accuracy}, dict(new_state))
+        return jnp.mean(per_example), ({"accuracy": accuracy}, dict(new_state), None)
 
     def logits(params, model_state, images):
         return model.apply({"params": params, **model_state}, images, train=False)
+
+    def features(params, model_state, extra, images):
+        backbone = model.clone(num_classes=0)  # pooled features; the head's params go unused
+        return backbone.apply({"params": params, **model_state}, images, train=False)
 
     def eval_sums(logits: jax.Array, batch: Batch) -> dict[str, Any]:
         labels, mask = batch["label"], batch["mask"]
@@ -189,11 +180,44 @@ def supervised(
 
     return Method(
         name="supervised",
-        views=("image",),
+        views=tuple(views),
         init=init,
         loss=loss,
-        update_extra=lambda extra, params, step: extra,
+        update_extra=keep_extra,
+        features=features,
         logits=logits,
         eval_sums=eval_sums,
         task=task,
+    )
+
+
+def photometric_settings(data_config: Any) -> dict[str, float]:
+    """The config's `data` photometric ops (augment.photometric's keyword arguments)."""
+    c = data_config
+    return dict(
+        color_jitter_strength=c.color_jitter,
+        color_jitter_prob=c.color_jitter_prob,
+        grayscale_prob=c.grayscale_prob,
+        blur_prob=c.blur_prob,
+        solarize_prob=c.solarize_prob,
+    )
+
+
+@METHODS.register(name="supervised", metadata={"classifier": True})
+def build(config: Any, model: nn.Module, spec: Any, **_) -> Method:
+    """Supervised training of `config` (labels of `spec.task`), one view from `data`."""
+    mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
+    if spec.task != "multiclass" and mixing:
+        raise ValueError(
+            f"dataset '{spec.name}' is {spec.task}; mixup/cutmix build one-hot targets and "
+            "need a multiclass dataset: set data.mixup_alpha=0 and data.cutmix_alpha=0"
+        )
+    view = View("image", config.data.train_ops, photometric_settings(config.data))
+    return supervised(
+        model,
+        spec.num_classes,
+        config.method.label_smoothing,
+        task=spec.task,
+        threshold=config.method.threshold,
+        views=(view,),
     )

@@ -12,6 +12,12 @@ ranked here in numpy. By task:
               f1_macro, loss, count
 
     results = evaluate(eval_step, state, batches, mesh, task="binary")
+
+Feature evaluators (`evaluate_features`) judge a backbone without its classifier, as
+self-supervised methods are judged: the features of the training split (eval ops, no
+augmentation) and of the eval split, then a k-NN classifier (DINO's weighted k-NN) and a
+linear probe trained on them (zoo/training/feature_eval.py): `knn_accuracy`,
+`linear_probe_accuracy`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,26 @@ from typing import Any
 import jax
 import numpy as np
 
+from zoo.registry import Registry
+from zoo.training import feature_eval
 from zoo.training.step import device_batch
+
+EVALUATORS: Registry[str] = Registry("evaluator")
+for _name, _what in (
+    ("classification", "a classifier's metrics of its task on the eval split"),
+    ("knn", "weighted k-NN on the backbone's features (DINO)"),
+    ("linear_probe", "a linear classifier trained on the backbone's frozen features"),
+):
+    EVALUATORS.register(_what, name=_name)
+
+
+def evaluator_names(names: str) -> list[str]:
+    """'knn, linear_probe' -> ['knn', 'linear_probe']; an unknown name is an error with the
+    close matches (the config's `evals.names`)."""
+    parsed = [n.strip() for n in names.split(",") if n.strip()]
+    for name in parsed:
+        EVALUATORS.get(name)
+    return parsed
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -131,3 +156,116 @@ def evaluate(
     scores = np.concatenate(scores) if scores else None
     labels = np.concatenate(labels) if labels else None
     return metrics_from_totals(totals, scores, labels, task)
+
+
+def collect_features(
+    features_step: Callable, state: Any, batches: Iterable[dict[str, np.ndarray]], mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D] float32, labels [N]) of every real (unmasked) example of `batches`."""
+    features, labels = [], []
+    for batch in batches:
+        out = np.asarray(jax.device_get(features_step(state, device_batch(batch, mesh))))
+        keep = batch["mask"] > 0
+        features.append(out[keep].astype(np.float32))
+        labels.append(np.asarray(batch["label"])[keep])
+    if not features:
+        raise ValueError("the split to compute features of is empty")
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def evaluate_features(
+    features_step: Callable,
+    state: Any,
+    train_batches: Iterable[dict[str, np.ndarray]],
+    eval_batches: Iterable[dict[str, np.ndarray]],
+    mesh,
+    *,
+    names: list[str],
+    num_classes: int,
+    knn: Any,
+    linear_probe: Any,
+) -> dict[str, Any]:
+    """The feature evaluators in `names` ("knn", "linear_probe") of the state's backbone.
+
+    Args:
+      features_step: the compiled eval step with `output="features"`.
+      train_batches, eval_batches: the training and eval splits with the eval ops and masks.
+      num_classes: classes of the labels (2 for a binary task's 0/1 labels).
+      knn, linear_probe: the config's `evals.knn` ({k, temperature}) and
+        `evals.linear_probe` ({steps, lr, weight_decay}).
+
+    Returns:
+      {"knn_accuracy", "linear_probe_accuracy", "linear_probe_train_accuracy", "count"}, the
+      ones asked for (count: eval examples).
+    """
+    train_x, train_y = collect_features(features_step, state, train_batches, mesh)
+    eval_x, eval_y = collect_features(features_step, state, eval_batches, mesh)
+    if not (np.all(np.isfinite(train_x)) and np.all(np.isfinite(eval_x))):
+        raise FloatingPointError("the backbone's features are not finite: the run diverged")
+    results: dict[str, Any] = {"count": int(len(eval_y))}
+    if "knn" in names:
+        results["knn_accuracy"] = feature_eval.knn_accuracy(
+            train_x,
+            train_y,
+            eval_x,
+            eval_y,
+            num_classes=num_classes,
+            k=knn.k,
+            temperature=knn.temperature,
+        )
+    if "linear_probe" in names:
+        probe = feature_eval.linear_probe(
+            train_x,
+            train_y,
+            eval_x,
+            eval_y,
+            num_classes=num_classes,
+            steps=linear_probe.steps,
+            learning_rate=linear_probe.lr,
+            weight_decay=linear_probe.weight_decay,
+        )
+        results["linear_probe_accuracy"] = float(probe["accuracy"])
+        results["linear_probe_train_accuracy"] = float(probe["train_accuracy"])
+    return results
+
+
+def run_evaluators(
+    names: list[str],
+    state: Any,
+    *,
+    spec: Any,
+    config: Any,
+    eval_step: Callable,
+    features_step: Callable,
+    mesh,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> dict[str, Any]:
+    """The evaluators `names` (the config's `evals.names`) of `state`, as one dict of metrics.
+
+    `eval_step` and `features_step` are the compiled eval step with `output="sums"` and
+    `output="features"`; the splits come from `config.data` (zoo/data/pipeline.py).
+    """
+    from zoo.data import pipeline
+
+    process = dict(process_index=process_index, process_count=process_count)
+    results: dict[str, Any] = {}
+    if "classification" in names:
+        batches = pipeline.eval_batches(spec, config.data, **process)
+        results = evaluate(eval_step, state, batches, mesh, task=spec.task)
+    feature_names = [name for name in names if name != "classification"]
+    if feature_names:
+        results.update(
+            evaluate_features(
+                features_step,
+                state,
+                pipeline.eval_batches(spec, config.data, role="train", **process),
+                pipeline.eval_batches(spec, config.data, **process),
+                mesh,
+                names=feature_names,
+                num_classes=max(spec.num_classes, 2),  # binary: 0/1 labels
+                knn=config.evals.knn,
+                linear_probe=config.evals.linear_probe,
+            )
+        )
+    return results

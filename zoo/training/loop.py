@@ -6,6 +6,7 @@ the compiled step. Host syncs happen only at logging, evaluation and checkpoint 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,12 +23,12 @@ from zoo import backend
 from zoo.data import pipeline
 from zoo.data.augment import augment_from_config, make_augment
 from zoo.data.datasets import get_dataset
-from zoo.methods.supervised import supervised
+from zoo.methods import METHODS
 from zoo.models import create_model, model_entry
 from zoo.models.pretrained import load_pretrained, load_state_dict
 from zoo.training import metrics as metrics_lib
 from zoo.training.checkpoint import Checkpointer, latest_checkpoint
-from zoo.training.evaluate import evaluate
+from zoo.training.evaluate import evaluator_names, run_evaluators
 from zoo.training.optim import build_optimizer
 from zoo.training.state import TrainState
 from zoo.training.step import (
@@ -39,6 +40,8 @@ from zoo.training.step import (
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Architecture fields a config may change, and their "the variant's own" value.
+OPTIONAL_MODEL_FIELDS = {"stem": "", "patch_size": 0, "img_size": 0}
 
 
 def build_model(config: Any, num_classes: int):
@@ -46,30 +49,42 @@ def build_model(config: Any, num_classes: int):
     name, dtype = model_cfg.pop("name"), model_cfg.pop("dtype")
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **model_cfg)
-
-
-def build_method(config: Any, model, spec):
-    if config.method.name != "supervised":
-        raise ValueError(f"method.name must be 'supervised', got '{config.method.name}'")
-    mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
-    if spec.task != "multiclass" and mixing:
+    for key, unset in OPTIONAL_MODEL_FIELDS.items():  # passed only when set
+        if model_cfg.get(key, unset) == unset:
+            model_cfg.pop(key, None)
+    try:
+        return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **model_cfg)
+    except TypeError as e:
         raise ValueError(
-            f"dataset '{spec.name}' is {spec.task}; mixup/cutmix build one-hot targets and "
-            "need a multiclass dataset: set data.mixup_alpha=0 and data.cutmix_alpha=0"
+            f"model '{name}' does not take {', '.join(f'model.{k}' for k in model_cfg)} as "
+            f"set ({e}); leave model.stem / patch_size / img_size at their defaults for it"
+        ) from None
+
+
+def is_classifier(config: Any) -> bool:
+    """Whether `config.method.name` trains a classifier (else a feature learner, whose model
+    is built with num_classes=0); an unknown name lists the close matches."""
+    METHODS.get(config.method.name)
+    return METHODS.metadata(config.method.name)["classifier"]
+
+
+def build_method(config: Any, model, spec, *, steps_per_epoch: int = 1, total_steps: int = 1):
+    """The method `config.method.name` (zoo/methods/) on `model`, checked against the dataset
+    and the evaluators before anything is compiled."""
+    evaluator_names(config.evals.names)  # an unknown evaluator fails here
+    if not is_classifier(config) and config.init_from:
+        raise ValueError(
+            f"init_from starts a classifier from weights; method '{config.method.name}' "
+            "pretrains from scratch: unset init_from, or fine-tune this run's workdir later "
+            "with method.name=supervised and init_from=<this workdir>"
         )
-    return supervised(
-        model,
-        spec.num_classes,
-        config.method.label_smoothing,
-        task=spec.task,
-        threshold=config.method.threshold,
-    )
+    builder = METHODS.get(config.method.name)
+    return builder(config, model, spec, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 def format_metrics(results: dict[str, Any]) -> str:
     """'accuracy 0.9120, f1 0.8800, ...': the scalar eval metrics of any task, for the log."""
-    skip = ("confusion", "count")
+    skip = ("confusion", "count", "linear_probe_train_accuracy")
     return ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in skip)
 
 
@@ -97,8 +112,7 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
             )
         import orbax.checkpoint as ocp
 
-        loaded = ocp.StandardCheckpointer().restore(checkpoint.absolute())
-        loaded = {"params": loaded["params"], **loaded["model_state"]}
+        loaded = ssl_backbone(ocp.StandardCheckpointer().restore(checkpoint.absolute()))
     elif source.is_file():
         model_name = config.init_from_model or config.model.name
         state_dict = load_state_dict(source)
@@ -139,6 +153,22 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
     return variables.pop("params"), variables, reinit + zero_filled
 
 
+def ssl_backbone(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """{"params", <collections>} of a restored train state; for a self-supervised run's state
+    (params {"backbone": ..., heads...}), its backbone's: the EMA teacher's where the method
+    evaluates the teacher (DINO), else the trained network's."""
+    params, model_state = checkpoint["params"], checkpoint["model_state"]
+    if "backbone" not in params:
+        return {"params": params, **model_state}
+    extra = checkpoint.get("extra") or {}
+    if "teacher" in extra:
+        params, model_state = extra["teacher"], extra["teacher_state"]
+    return {
+        "params": params["backbone"],
+        **{c: v["backbone"] for c, v in model_state.items() if "backbone" in v},
+    }
+
+
 def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
     """(steps_per_epoch, total_steps) from `total_steps` or `num_epochs`."""
     steps_per_epoch = max(train_size // config.data.batch_size, 1)
@@ -165,6 +195,61 @@ def init_state(method, tx, example_batch, augment, rng, mesh) -> TrainState:
     )(rng)
 
 
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What a config builds before any state exists (`build`); `init(rng)` makes the state."""
+
+    model: Any
+    method: Any
+    tx: Any
+    schedule: Any
+    augment: Any
+    example_batch: dict[str, Any]
+    mesh: Any
+    steps_per_epoch: int
+    total_steps: int
+    train_size: int
+    evals: list[str]
+
+    def init(self, rng: jax.Array) -> TrainState:
+        return init_state(self.method, self.tx, self.example_batch, self.augment, rng, self.mesh)
+
+
+def build(config: Any, spec: Any, mesh: Any) -> Parts:
+    """Model, method, optimizer and device augmentation of `config` on dataset `spec`, all
+    checked before anything is compiled (used by `run` and by `python -m zoo.evaluate`)."""
+    model = build_model(config, spec.num_classes if is_classifier(config) else 0)
+    train_size = len(spec.source("train", config.data))
+    steps_per_epoch, total_steps = schedule_lengths(config, train_size)
+    method = build_method(
+        config, model, spec, steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    tx, schedule = build_optimizer(
+        config.optim,
+        config.schedule,
+        total_steps,
+        steps_per_epoch,
+        head=model_entry(config.model.name).head,
+        batch_size=config.data.batch_size,
+    )
+    augment = augment_from_config(
+        config.data, spec, config.method.label_smoothing, views=method.views
+    )
+    return Parts(
+        model=model,
+        method=method,
+        tx=tx,
+        schedule=schedule,
+        augment=augment,
+        example_batch=pipeline.example_batch(spec, config.data, method.views),
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        train_size=train_size,
+        evals=evaluator_names(config.evals.names),
+    )
+
+
 def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains and evaluates as `config` says; returns the final eval metrics."""
     workdir = pathlib.Path(workdir)
@@ -180,24 +265,15 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         )
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
-    model = build_model(config, spec.num_classes)
-    method = build_method(config, model, spec)
-    train_iter = pipeline.train_iterator(spec, config.data, seed=config.seed, **process)
-    train_size = len(spec.source("train", config.data))
-    steps_per_epoch, total_steps = schedule_lengths(config, train_size)
-    tx, schedule = build_optimizer(
-        config.optim,
-        config.schedule,
-        total_steps,
-        steps_per_epoch,
-        head=model_entry(config.model.name).head,
+    parts = build(config, spec, mesh)
+    method, tx, augment, evals = parts.method, parts.tx, parts.augment, parts.evals
+    steps_per_epoch, total_steps = parts.steps_per_epoch, parts.total_steps
+    train_iter = pipeline.train_iterator(
+        spec, config.data, seed=config.seed, views=method.views, **process
     )
-    augment = augment_from_config(config.data, spec, config.method.label_smoothing)
     eval_augment = make_augment(spec.mean, spec.std)  # normalisation only
-
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    example_batch = pipeline.example_batch(spec, config.data)
-    state = init_state(method, tx, example_batch, augment, init_rng, mesh)
+    state = parts.init(init_rng)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     checkpointer = Checkpointer(
@@ -207,7 +283,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     state = restored if restored is not None else state
     init_message = ""
     if restored is None and config.init_from:
-        params, model_state, reinit = load_init_from(config, model, state)
+        params, model_state, reinit = load_init_from(config, parts.model, state)
         state = jax.device_put(
             state.replace(params=params, model_state=model_state, opt_state=tx.init(params)),
             shardings(mesh)[0],
@@ -221,8 +297,11 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     step = int(jax.device_get(state.step))
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    train_step = compile_train_step(mesh, method=method, tx=tx, augment=augment, schedule=schedule)
+    train_step = compile_train_step(
+        mesh, method=method, tx=tx, augment=augment, schedule=parts.schedule
+    )
     eval_step = compile_eval_step(mesh, method=method, augment=eval_augment)
+    features_step = compile_eval_step(mesh, method=method, augment=eval_augment, output="features")
     writer = metrics_lib.MetricWriter(workdir)
     eval_every = config.evals.every_steps or steps_per_epoch
     log_every = config.logging.every_steps
@@ -232,12 +311,15 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     def run_eval(step: int) -> dict[str, Any]:
         nonlocal eval_seconds
         start = time.perf_counter()
-        results = evaluate(
-            eval_step,
+        results = run_evaluators(
+            evals,
             state,
-            pipeline.eval_batches(spec, config.data, **process),
-            mesh,
-            task=spec.task,
+            spec=spec,
+            config=config,
+            eval_step=eval_step,
+            features_step=features_step,
+            mesh=mesh,
+            **process,
         )
         writer.write(step, "eval", {k: v for k, v in results.items() if k != "confusion"})
         eval_seconds += time.perf_counter() - start
@@ -245,7 +327,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
 
     print(
         f"zoo: {config.model.name} ({num_params:,} params) on {spec.name} "
-        f"({train_size:,} train images), {total_steps} steps of {config.data.batch_size} "
+        f"({parts.train_size:,} train images), {total_steps} steps of {config.data.batch_size} "
         f"on {mesh.size} {jax.devices()[0].platform} device(s); workdir {workdir}"
         + (f"; resumed at step {step}" if restored is not None else "")
         + init_message
@@ -271,7 +353,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                 writer.write(step, "train", scalars)
                 progress.update(step, scalars)
                 window, window_steps = None, 0
-            if step % eval_every == 0 or step == total_steps:
+            if evals and (step % eval_every == 0 or step == total_steps):
                 results = run_eval(step)
                 progress.write(f"step {step}: eval {format_metrics(results)}")
             if step % config.checkpoint.every_steps == 0 or step == total_steps:
@@ -281,8 +363,9 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         batches.close()  # stops the thread and grain's worker processes, if any
     train_seconds = time.perf_counter() - train_start
 
-    if results is None:  # resumed at the end: evaluate the restored state
+    if results is None and evals:  # resumed at the end: evaluate the restored state
         results = run_eval(step)
+    results = results or {}
     checkpointer.wait()
     checkpointer.close()
     writer.close()
@@ -310,9 +393,12 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         "freed_memory_kept": backend.freed_memory_kept,  # zoo's allocator settings in effect
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"final eval on {results['count']} images: {format_metrics(results)} ({spec.task}); "
-        f"outputs in {workdir}"
-    )
+    if results:
+        print(
+            f"final eval on {results['count']} images: {format_metrics(results)} "
+            f"({method.name}, {spec.task}); outputs in {workdir}"
+        )
+    else:
+        print(f"done at step {step} (evals.names is empty); outputs in {workdir}")
     logging.info("summary: %s", summary)
     return results

@@ -80,12 +80,12 @@ class Progress:
         last_time, last_step = self._last
         images_per_s = (step - last_step) * self.batch_size / max(now - last_time, 1e-9)
         self._last = (now, step)
-        self.bar.set_postfix(
-            loss=f"{scalars.get('loss', float('nan')):.4f}",
-            acc=f"{scalars.get('accuracy', float('nan')):.3f}",
-            img_s=f"{images_per_s:.0f}",
-            refresh=False,
-        )
+        shown = {"loss": f"{scalars.get('loss', float('nan')):.4f}"}
+        if "accuracy" in scalars:
+            shown["acc"] = f"{scalars['accuracy']:.3f}"
+        if "embedding_std" in scalars:  # self-supervised: collapse shows as std -> 0
+            shown["std"] = f"{scalars['embedding_std']:.3f}"
+        self.bar.set_postfix(**shown, img_s=f"{images_per_s:.0f}", refresh=False)
         self.bar.update(step - self.bar.n)
 
     def write(self, text: str) -> None:
@@ -95,25 +95,31 @@ class Progress:
         self.bar.close()
 
 
+ACCURACY_KEYS = {"accuracy": "", "knn_accuracy": "k-NN", "linear_probe_accuracy": "linear probe"}
+
+
 def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path) -> None:
-    """Train/eval loss and accuracy against step, from metrics.jsonl records."""
+    """Train/eval loss and accuracy (a classifier's, and the k-NN and linear-probe accuracy
+    of feature evaluators) against step, from metrics.jsonl records."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (key, title) in zip(
-        axes, (("loss", "loss"), ("accuracy", "top-1 accuracy")), strict=True
-    ):
-        for split, style in (("train", "-"), ("eval", "o-")):
-            points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
-            if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, style, label=split, markersize=4)
+    panels = (({"loss": ""}, "loss"), (ACCURACY_KEYS, "top-1 accuracy"))
+    for ax, (keys, title) in zip(axes, panels, strict=True):
+        for key, name in keys.items():
+            for split, style in (("train", "-"), ("eval", "o-")):
+                points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
+                if points:
+                    steps, values = zip(*points, strict=True)
+                    label = f"{split} {name}".strip()
+                    ax.plot(steps, values, style, label=label, markersize=4)
         ax.set(xlabel="step", title=title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -153,32 +153,64 @@ def scale_by_layer_decay(layer_decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
+def peak_learning_rate(optim: Any, batch_size: int) -> float:
+    """`optim.lr`, times batch_size / `optim.lr_base_batch` when that is set (the linear
+    scaling rule of Goyal et al. 2017, which SimCLR, BYOL and DINO state their rates in)."""
+    base = optim.get("lr_base_batch", 0)
+    if base and batch_size <= 0:
+        raise ValueError("optim.lr_base_batch needs the batch size to scale the learning rate")
+    return optim.lr * batch_size / base if base else optim.lr
+
+
+def weight_decay_schedule(optim: Any, total_steps: int):
+    """`optim.weight_decay`, or a cosine from it to `optim.weight_decay_end` over the run
+    (DINO: 0.04 -> 0.4) when that is >= 0."""
+    end = optim.get("weight_decay_end", -1.0)
+    if end < 0:
+        return optim.weight_decay
+    return lambda step: (
+        optim.weight_decay
+        + (end - optim.weight_decay)
+        * (1.0 - jnp.cos(jnp.pi * jnp.clip(step / max(total_steps, 1), 0.0, 1.0)))
+        / 2.0
+    )
+
+
 def build_optimizer(
     optim: Any,
     schedule_cfg: Any,
     total_steps: int,
     steps_per_epoch: int,
     head: tuple[str, ...] = (),
+    batch_size: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns (tx, schedule) for optim.name in {"sgd", "adamw"}.
+    """Returns (tx, schedule) for optim.name in {"sgd", "adamw", "lars"}.
+
+    LARS (You et al. 2017, optax.lars) is SimCLR's and BYOL's: momentum `optim.momentum`,
+    trust coefficient `optim.trust_coefficient`, and biases and normalisation parameters
+    excluded from both weight decay and the trust-ratio adaptation (`decay_mask`).
 
     Args:
       optim, schedule_cfg: the config's `optim` and `schedule` namespaces.
       total_steps, steps_per_epoch: lengths of the run, for the schedule.
       head: top-level parameter names of the classifier head (the model's registered `head`);
         needed by `optim.freeze_backbone`.
+      batch_size: the global batch, for `optim.lr_base_batch`.
 
     Raises:
       ValueError: for an unknown optimizer, `freeze_backbone` without `head`, or
         `optim.layer_decay` outside (0, 1].
     """
-    schedule = build_schedule(schedule_cfg, optim.lr, total_steps, steps_per_epoch)
+    peak = peak_learning_rate(optim, batch_size)
+    schedule = build_schedule(schedule_cfg, peak, total_steps, steps_per_epoch)
+    weight_decay = weight_decay_schedule(optim, total_steps)
+    decaying = callable(weight_decay) or optim.weight_decay > 0
     parts = []
     if optim.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
     if optim.name == "sgd":
-        if optim.weight_decay > 0:
-            parts.append(optax.add_decayed_weights(optim.weight_decay, mask=decay_mask))
+        if decaying:
+            parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
         parts.append(optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov))
     elif optim.name == "adamw":
         parts.append(
@@ -187,12 +219,24 @@ def build_optimizer(
                 b1=optim.b1,
                 b2=optim.b2,
                 eps=optim.eps,
-                weight_decay=optim.weight_decay,
+                weight_decay=weight_decay,
                 mask=decay_mask,
             )
         )
+    elif optim.name == "lars":
+        parts.append(
+            optax.lars(
+                schedule,
+                weight_decay=weight_decay,
+                weight_decay_mask=decay_mask,
+                trust_coefficient=optim.get("trust_coefficient", 1e-3),
+                trust_ratio_mask=decay_mask,
+                momentum=optim.momentum,
+                nesterov=optim.nesterov,
+            )
+        )
     else:
-        raise ValueError(f"optim.name must be 'sgd' or 'adamw', got '{optim.name}'")
+        raise ValueError(f"optim.name must be 'sgd', 'adamw' or 'lars', got '{optim.name}'")
     tx = optax.chain(*parts)
     if optim.get("freeze_backbone", False):
         if not head:

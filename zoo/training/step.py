@@ -38,13 +38,17 @@ def train_step(
     batch = augment(batch, augment_rng)
 
     def loss_fn(params):
-        return method.loss(params, state.model_state, state.extra, batch, loss_rng, train=True)
+        return method.loss(
+            params, state.model_state, state.extra, batch, loss_rng, train=True, axis_name=axis_name
+        )
 
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (metrics, model_state, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
     grads = cross_replica_mean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    extra = method.update_extra(state.extra, params, state.step)
+    extra = method.update_extra(state.extra, params, aux, state.step)  # e.g. the EMA teacher
     metrics = {
         **metrics,
         "loss": loss,
@@ -61,15 +65,27 @@ def train_step(
     return new_state, cross_replica_mean(metrics, axis_name)
 
 
-def eval_step(state: TrainState, batch, *, method, augment, num_classes: int | None = None):
-    """The method's sums over the masked batch (`method.eval_sums`: loss, count and the task's
-    counts, e.g. top-1/top-5 correct and a confusion matrix for multiclass).
+def eval_step(
+    state: TrainState,
+    batch,
+    *,
+    method,
+    augment,
+    output: str = "sums",
+    num_classes: int | None = None,
+):
+    """The method's sums over the masked batch (`output="sums"`, classifiers:
+    `method.eval_sums`: loss, count and the task's counts, e.g. top-1/top-5 correct and a
+    confusion matrix for multiclass), or its features [B, D] (`output="features"`, for the
+    k-NN and linear-probe evaluators; padded rows are the caller's to drop by `mask`).
 
     Sums (not means) so that batches and devices combine exactly (scenic's (sum, count)).
     `num_classes` is unused (the method knows its classes); it is accepted for old callers.
     """
     del num_classes
     batch = augment(batch, jax.random.PRNGKey(0))
+    if output == "features":
+        return method.features(state.params, state.model_state, state.extra, batch["image"])
     logits = method.logits(state.params, state.model_state, batch["image"])
     return method.eval_sums(logits, batch)
 
@@ -97,10 +113,11 @@ def compile_train_step(mesh: Mesh, **statics):
 
 def compile_eval_step(mesh: Mesh, **statics):
     replicated, data = shardings(mesh)
+    features = statics.get("output") == "features"
     return jax.jit(
         functools.partial(eval_step, **statics),
         in_shardings=(replicated, data),
-        out_shardings=replicated,
+        out_shardings=data if features else replicated,
         compiler_options=backend.forward_compiler_options(),  # XLA:CPU fusions for a forward
     )
 
