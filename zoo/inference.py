@@ -44,7 +44,7 @@ from zoo import backend
 from zoo.data.class_names import load_class_names
 from zoo.data.decode import ImageDecodeError, _to_rgb, decode_image
 from zoo.data.transforms import build_ops, resize_center_crop
-from zoo.models.catalog import PretrainedConfig, create_model, model_entry
+from zoo.models.catalog import PretrainedConfig, config_overrides, create_model, model_entry
 from zoo.models.pretrained import load_pretrained
 from zoo.training.checkpoint import latest_checkpoint
 
@@ -492,7 +492,7 @@ def _load_workdir(
         input_shape = preprocessing.output_shape()
     except ValueError as e:
         raise ValueError(f"{workdir}: {e}") from None
-    model_kwargs = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype")}
+    model_kwargs = config_overrides(config.model.to_dict())
     module = create_model(name, num_classes=spec.num_classes, **model_kwargs)
     abstract = jax.eval_shape(
         functools.partial(module.init, train=False),

@@ -271,6 +271,25 @@ def crop_view(
     )
 
 
+def two_views(config: Any, spec: Any, blur: tuple[float, float], solarize: tuple[float, float]):
+    """SimCLR's and BYOL's two views: crops of `method.crop_size` covering
+    `method.crop_min_scale`-1 of the image, with per-view blur (when `method.blur`) and
+    solarize probabilities. Returns (views, crop size, image channels)."""
+    m, size = config.method, crop_size(config, spec)
+    views = tuple(
+        crop_view(
+            i,
+            size,
+            (m.crop_min_scale, 1.0),
+            color_jitter=m.color_jitter,
+            blur_prob=blur[i] if m.blur else 0.0,
+            solarize_prob=solarize[i],
+        )
+        for i in range(2)
+    )
+    return views, size, spec.image_shape[2] if spec.image_shape else 3
+
+
 def check_feature_task(name: str, spec: Any, evals: str) -> None:
     """A self-supervised method trains without labels and is evaluated by k-NN and linear
     probes, which need one class per image; errors name the problem and the fix."""

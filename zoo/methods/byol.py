@@ -27,13 +27,12 @@ from zoo.methods.base import (
     SSLNetwork,
     check_feature_task,
     cosine_increase,
-    crop_size,
-    crop_view,
     ema,
     embedding_std,
     feature_dim,
     forward_views,
     l2_normalize,
+    two_views,
 )
 
 
@@ -94,7 +93,7 @@ def byol(model: nn.Module, views, *, total_steps: int, ema_momentum: float, hidd
         online_part = {k: params[k] for k in ("backbone", "projector")}
         return {
             "target": ema(extra["target"], online_part, momentum),
-            "target_state": aux["target_state"] if aux is not None else extra["target_state"],
+            "target_state": aux["target_state"],
         }
 
     def features(params, model_state, extra, images):
@@ -115,19 +114,7 @@ def byol(model: nn.Module, views, *, total_steps: int, ema_momentum: float, hidd
 def build(config: Any, model: nn.Module, spec: Any, *, total_steps: int, **_) -> Method:
     m = config.method
     check_feature_task("byol", spec, config.evals.names)
-    size = crop_size(config, spec)
-    views = [
-        crop_view(
-            i,
-            size,
-            (m.crop_min_scale, 1.0),
-            color_jitter=m.color_jitter,
-            blur_prob=(1.0, 0.1)[i] if m.blur else 0.0,
-            solarize_prob=(0.0, 0.2)[i],
-        )
-        for i in range(2)
-    ]
-    channels = spec.image_shape[2] if spec.image_shape else 3
+    views, size, channels = two_views(config, spec, blur=(1.0, 0.1), solarize=(0.0, 0.2))
     hidden = m.proj_hidden_dim or 2 * feature_dim(model, (size, size, channels))
     return byol(
         model,

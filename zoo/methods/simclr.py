@@ -29,13 +29,12 @@ from zoo.methods.base import (
     SSLNetwork,
     all_gather,
     check_feature_task,
-    crop_size,
-    crop_view,
     embedding_std,
     feature_dim,
     forward_views,
     keep_extra,
     l2_normalize,
+    two_views,
 )
 
 
@@ -116,19 +115,7 @@ def simclr(model: nn.Module, views, *, temperature: float, proj_hidden_dim: int,
 def build(config: Any, model: nn.Module, spec: Any, **_) -> Method:
     m = config.method
     check_feature_task("simclr", spec, config.evals.names)
-    size = crop_size(config, spec)
-    views = [
-        crop_view(
-            i,
-            size,
-            (m.crop_min_scale, 1.0),
-            color_jitter=m.color_jitter,
-            blur_prob=0.5 if m.blur else 0.0,
-            solarize_prob=0.0,
-        )
-        for i in range(2)
-    ]
-    channels = spec.image_shape[2] if spec.image_shape else 3
+    views, size, channels = two_views(config, spec, blur=(0.5, 0.5), solarize=(0.0, 0.0))
     hidden = m.proj_hidden_dim or feature_dim(model, (size, size, channels))
     return simclr(
         model,

@@ -95,6 +95,21 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
         raise ValueError(f"model '{name}' does not accept these arguments: {e}") from None
 
 
+# Fields a run config's `model` namespace may set, and the value that means "the registered
+# variant's own" (configs/common.py): only set ones reach the model.
+OPTIONAL_FIELDS = {"stem": "", "patch_size": 0, "img_size": 0}
+
+
+def config_overrides(model_config: dict[str, Any]) -> dict[str, Any]:
+    """A config's `model` namespace (as a dict) -> `create_model` overrides: without `name`
+    and `dtype`, and without the OPTIONAL_FIELDS left at their "variant's own" value."""
+    return {
+        key: value
+        for key, value in model_config.items()
+        if key not in ("name", "dtype") and value != OPTIONAL_FIELDS.get(key, object())
+    }
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Names of registered models matching a glob pattern, sorted."""
     return MODELS.list(pattern)

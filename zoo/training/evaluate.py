@@ -201,7 +201,7 @@ def evaluate_features(
     train_x, train_y = collect_features(features_step, state, train_batches, mesh)
     eval_x, eval_y = collect_features(features_step, state, eval_batches, mesh)
     if not (np.all(np.isfinite(train_x)) and np.all(np.isfinite(eval_x))):
-        raise FloatingPointError("the backbone's features are not finite: the run diverged")
+        raise ValueError("the backbone's features are not finite (NaN or inf): the run diverged")
     results: dict[str, Any] = {"count": int(len(eval_y))}
     if "knn" in names:
         results["knn_accuracy"] = feature_eval.knn_accuracy(

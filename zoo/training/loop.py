@@ -25,6 +25,7 @@ from zoo.data.augment import augment_from_config, make_augment
 from zoo.data.datasets import get_dataset
 from zoo.methods import METHODS
 from zoo.models import create_model, model_entry
+from zoo.models.catalog import config_overrides
 from zoo.models.pretrained import load_pretrained, load_state_dict
 from zoo.training import metrics as metrics_lib
 from zoo.training.checkpoint import Checkpointer, latest_checkpoint
@@ -40,25 +41,14 @@ from zoo.training.step import (
 )
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Architecture fields a config may change, and their "the variant's own" value.
-OPTIONAL_MODEL_FIELDS = {"stem": "", "patch_size": 0, "img_size": 0}
 
 
 def build_model(config: Any, num_classes: int):
-    model_cfg = config.model.to_dict()
-    name, dtype = model_cfg.pop("name"), model_cfg.pop("dtype")
+    name, dtype = config.model.name, config.model.dtype
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
-    for key, unset in OPTIONAL_MODEL_FIELDS.items():  # passed only when set
-        if model_cfg.get(key, unset) == unset:
-            model_cfg.pop(key, None)
-    try:
-        return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **model_cfg)
-    except TypeError as e:
-        raise ValueError(
-            f"model '{name}' does not take {', '.join(f'model.{k}' for k in model_cfg)} as "
-            f"set ({e}); leave model.stem / patch_size / img_size at their defaults for it"
-        ) from None
+    overrides = config_overrides(config.model.to_dict())
+    return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **overrides)
 
 
 def is_classifier(config: Any) -> bool:
