@@ -313,6 +313,18 @@ def make_augment(
     return augment
 
 
+def photometric_from_config(data_config: Any) -> dict[str, float]:
+    """The `data` namespace's photometric ops as `photometric`'s keyword arguments."""
+    c = data_config
+    return dict(
+        color_jitter_strength=c.color_jitter,
+        color_jitter_prob=c.color_jitter_prob,
+        grayscale_prob=c.grayscale_prob,
+        blur_prob=c.blur_prob,
+        solarize_prob=c.solarize_prob,
+    )
+
+
 def augment_from_config(
     data_config: Any, spec: Any, label_smoothing: float = 0.0, views: Sequence[Any] | None = None
 ) -> Augment:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.registry import Registry
+from zoo.training.evaluate import evaluator_names
 
 Batch = dict[str, Any]
 
@@ -293,7 +294,7 @@ def two_views(config: Any, spec: Any, blur: tuple[float, float], solarize: tuple
 def check_feature_task(name: str, spec: Any, evals: str) -> None:
     """A self-supervised method trains without labels and is evaluated by k-NN and linear
     probes, which need one class per image; errors name the problem and the fix."""
-    names = [n.strip() for n in evals.split(",") if n.strip()]
+    names = evaluator_names(evals)
     if "classification" in names:
         raise ValueError(
             f"method '{name}' learns features and has no classifier to evaluate: set "

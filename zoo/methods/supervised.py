@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zoo.data.augment import photometric_from_config
 from zoo.methods.base import METHODS, Method, View, keep_extra
 
 Batch = dict[str, Any]
@@ -191,18 +192,6 @@ def supervised(
     )
 
 
-def photometric_settings(data_config: Any) -> dict[str, float]:
-    """The config's `data` photometric ops (augment.photometric's keyword arguments)."""
-    c = data_config
-    return dict(
-        color_jitter_strength=c.color_jitter,
-        color_jitter_prob=c.color_jitter_prob,
-        grayscale_prob=c.grayscale_prob,
-        blur_prob=c.blur_prob,
-        solarize_prob=c.solarize_prob,
-    )
-
-
 @METHODS.register(name="supervised", metadata={"classifier": True})
 def build(config: Any, model: nn.Module, spec: Any, **_) -> Method:
     """Supervised training of `config` (labels of `spec.task`), one view from `data`."""
@@ -212,7 +201,7 @@ def build(config: Any, model: nn.Module, spec: Any, **_) -> Method:
             f"dataset '{spec.name}' is {spec.task}; mixup/cutmix build one-hot targets and "
             "need a multiclass dataset: set data.mixup_alpha=0 and data.cutmix_alpha=0"
         )
-    view = View("image", config.data.train_ops, photometric_settings(config.data))
+    view = View("image", config.data.train_ops, photometric_from_config(config.data))
     return supervised(
         model,
         spec.num_classes,
