@@ -7,6 +7,10 @@ fails these tests rather than skipping them.
 """
 
 import json
+import os
+import pathlib
+import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -23,6 +27,7 @@ from timm_parity import logit_diff  # noqa: E402  (tests/ is on sys.path under p
 import zoo
 from zoo.convert import main as convert_main
 from zoo.convert import read_converted
+from zoo.predict import main as predict_main
 
 TOLERANCE = 1e-4  # max abs logit difference, float32
 
@@ -190,11 +195,91 @@ def test_weight_files_round_trip(tmp_path, resnet18_state, fmt):
     jax.tree.map(np.testing.assert_array_equal, from_file, from_dict)
 
 
-def test_pth_with_arbitrary_pickle_is_refused(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"w": torch.ones(1)}, "obj": subprocess.Popen}, path)
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+class WritesMarker:
+    """Unpickling it writes `marker`: what a malicious checkpoint would do, harmlessly."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.write_text, (self.marker, "pwned"))
+
+
+class RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def evil_file(kind: str, folder: pathlib.Path, marker: pathlib.Path) -> pathlib.Path:
+    """A weights file whose loading with unrestricted pickle would write `marker`."""
+    tensors = {"conv1.weight": torch.ones(2, 3, 1, 1)}
+    if kind == "torch.save with __reduce__":
+        path = folder / "evil.pth"
+        torch.save({"state_dict": tensors, "payload": WritesMarker(marker)}, path)
+    elif kind == "torch.save with os.system":
+        path = folder / "evil.bin"
+        torch.save({"state_dict": tensors, "payload": RunsShell(marker)}, path)
+    elif kind == "plain pickle named .pt":
+        path = folder / "evil.pt"
+        path.write_bytes(pickle.dumps({"conv1.weight": np.ones(2), "x": WritesMarker(marker)}))
+    elif kind == "torch.save of a class":
+        path = folder / "popen.pth"
+        torch.save({"state_dict": tensors, "obj": subprocess.Popen}, path)
+    elif kind == "npz with an object array":
+        path = folder / "evil.npz"
+        np.savez(path, w=np.ones(2), payload=np.array([WritesMarker(marker)], dtype=object))
+    elif kind == "pickle named .npz":
+        path = folder / "pickle.npz"
+        path.write_bytes(pickle.dumps({"w": WritesMarker(marker)}))
+    else:  # ".pkl"
+        path = folder / "weights.pkl"
+        path.write_bytes(pickle.dumps({"w": WritesMarker(marker)}))
+    return path
+
+
+REFUSED = "is not a plain weights file"
+PICKLES = {
+    "torch.save with __reduce__": rf"{REFUSED}: unpickling it would call or build `getattr`, "
+    r"which torch\.load\(weights_only=True\) refuses",
+    "torch.save with os.system": rf"{REFUSED}: .*torch\.load\(weights_only=True\) refuses",
+    "plain pickle named .pt": rf"{REFUSED}: .*torch\.load\(weights_only=True\) refuses",
+    "torch.save of a class": rf"{REFUSED}: .*`[\w.]*Popen`.*weights_only=True",
+    "npz with an object array": rf"{REFUSED}: array 'payload' holds Python objects \(dtype "
+    r"object\), which zoo never unpickles \(np\.load\(allow_pickle=False\)\)",
+    "pickle named .npz": rf"{REFUSED}: it is not an \.npz \(zip\) or \.npy file, and numpy "
+    r"would read it as a Python pickle",
+    ".pkl": r"unknown weights format '.*weights\.pkl': zoo reads \.safetensors, "
+    r"\.pth/\.pt/\.bin/\.ckpt \(torch\.load with weights_only=True\) or \.npz",
+}
+
+
+def test_the_payloads_are_live(tmp_path):
+    """The files below would write their marker if unpickled without restriction."""
+    for payload in (WritesMarker, RunsShell):
+        marker = tmp_path / f"{payload.__name__}.txt"
+        pickle.loads(pickle.dumps(payload(marker)))
+        assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", list(PICKLES))
+def test_pickled_code_in_weights_is_refused_not_run(tmp_path, capsys, kind):
+    """Every way zoo reads a weights file refuses pickled code with an error naming the
+    file, and the code never runs (no marker file)."""
+    marker = tmp_path / "marker.txt"
+    path = evil_file(kind, tmp_path, marker)
+    message = f"{re.escape(str(path))}.*{PICKLES[kind]}" if kind != ".pkl" else PICKLES[kind]
+    with pytest.raises(ValueError, match=message):
         zoo.load_state_dict(path)
+    with pytest.raises(ValueError, match=message):
+        zoo.load_pretrained("resnet18", path)
+    with pytest.raises(ValueError, match=message):
+        zoo.load_classifier(path, model="resnet18")
+    assert predict_main(["--weights", str(path), "--model", "resnet18", "x.png"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not marker.exists()
 
 
 def test_convert_cli_round_trip(tmp_path, resnet18_state):
@@ -218,6 +303,7 @@ def test_convert_cli_runs_as_module(tmp_path, resnet18_state):
         capture_output=True,
         text=True,
         check=False,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     variables, metadata = read_converted(str(tmp_path / "out"))

@@ -42,8 +42,9 @@ from PIL import Image
 
 from zoo import backend
 from zoo.data.class_names import load_class_names
-from zoo.data.decode import ImageDecodeError, _to_rgb, decode_image
+from zoo.data.decode import ImageDecodeError, _to_rgb, check_size, decode_file
 from zoo.data.transforms import build_ops, resize_center_crop
+from zoo.methods.supervised import is_positive
 from zoo.models.catalog import PretrainedConfig, config_overrides, create_model, model_entry
 from zoo.models.pretrained import load_pretrained
 from zoo.training.checkpoint import latest_checkpoint
@@ -63,10 +64,12 @@ def load_image(image: ImageLike) -> np.ndarray:
       ValueError: naming the path (or describing the array) when it is not a readable image.
     """
     if isinstance(image, Image.Image):
+        _check_size(*image.size, "PIL image")
         return np.asarray(_to_rgb(image), dtype=np.uint8)
     if isinstance(image, np.ndarray):
         array = image
         if np.issubdtype(array.dtype, np.floating):
+            array = np.nan_to_num(array, nan=0.0, posinf=1.0, neginf=0.0)
             array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -76,22 +79,23 @@ def load_image(image: ImageLike) -> np.ndarray:
                 f"expected an HxW or HxWxC (C = 1, 3, 4) uint8 or float array, "
                 f"got {image.dtype} {image.shape}"
             )
+        _check_size(array.shape[1], array.shape[0], "array")
         if array.ndim == 3 and array.shape[-1] == 3:
             return array
         return np.asarray(_to_rgb(Image.fromarray(array)), dtype=np.uint8)
     path = os.fspath(image)
     try:
-        with open(path, "rb") as f:
-            return decode_image(f.read())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, not an image") from None
-    except (OSError, ImageDecodeError) as e:
-        reason = str(e)
-        if "UnidentifiedImageError" in reason:  # its message names a BytesIO, not the file
-            reason = "not an image, or a format Pillow cannot read"
-        raise ValueError(f"{path}: cannot read image ({reason})") from None
+        return decode_file(path)
+    except ImageDecodeError as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    """An in-memory image within decoding's limits (zoo/data/decode.py `check_size`)."""
+    try:
+        check_size(width, height)
+    except ImageDecodeError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

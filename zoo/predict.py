@@ -41,6 +41,11 @@ class UsageError(Exception):
     """A problem with the command line or the models: exit status 2."""
 
 
+def _is_file(path: str | pathlib.Path) -> bool:
+    """A file, or a broken symbolic link (listed, so that it is reported, not skipped)."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+
+
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """(image paths, errors): files as given, folders searched recursively for image files
     (sorted), globs expanded (sorted; `**` recurses)."""
@@ -50,17 +55,17 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
             found = sorted(
                 str(p)
                 for p in pathlib.Path(item).rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                if p.suffix.lower() in IMAGE_EXTENSIONS and _is_file(p)
             )
             paths += found
             if not found:
                 errors.append(
                     f"{item}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
-        elif os.path.exists(item):
+        elif os.path.lexists(item):  # a file as given (a broken link too: it is reported)
             paths.append(item)
         elif glob.has_magic(item):
-            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            found = sorted(p for p in glob.glob(item, recursive=True) if _is_file(p))
             paths += found
             if not found:
                 errors.append(f"{item}: no file matches")

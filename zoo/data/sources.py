@@ -10,10 +10,11 @@ yields examples in one format, whatever the dataset:
                                       #   multilabel: uint8 [num_classes], multi-hot
 
 or None for an example whose file cannot be decoded (corrupt, truncated, empty, not an
-image). The pipeline drops None examples after the map that reads them (grain `filter`),
-so a bad file never stops a run; it is logged once per process with its path and the count
-of files skipped so far. Whether an example is dropped depends only on its file, so the same
-seed still gives the same batches and a restored iterator state the same next batches.
+image, a broken link, beyond the size limits of zoo/data/decode.py). The pipeline drops None
+examples after the map that reads them (grain `filter`), so a bad file never stops a run; it
+is logged once per process with its path and the count of files skipped so far. Whether an
+example is dropped depends only on its file, so the same seed still gives the same batches
+and a restored iterator state the same next batches.
 `data.strict_decode=True` raises with the path instead.
 
 Sources:
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from zoo.data.decode import ImageDecodeError, decode_image
+from zoo.data.decode import ImageDecodeError, decode_file
 
 EMBEDDED_DIR = pathlib.Path(__file__).parent / "embedded"
 FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
@@ -364,8 +365,8 @@ class FolderSource:
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         path = self.paths[index]
         try:
-            image = decode_image(pathlib.Path(path).read_bytes())
-        except (OSError, ImageDecodeError) as e:
+            image = decode_file(path)
+        except ImageDecodeError as e:
             if self.strict:
                 raise ValueError(
                     f"cannot read image {path}: {e} (data.strict_decode=True; set it to False "

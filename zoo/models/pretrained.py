@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -68,38 +69,146 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
     raise ValueError(f"expected a state_dict (a mapping of names to tensors), got {type(obj)}")
 
 
+TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+SUPPORTED_FORMATS = (
+    ".safetensors, .pth/.pt/.bin/.ckpt (torch.load with weights_only=True) or .npz (numeric "
+    "arrays only)"
+)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _read_torch(path: str) -> Any:
+    import pickle
+
+    import torch  # lazy: the [convert] extra
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": noise here
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(
+                f"{path} is not a readable torch weights file ({_first_line(e)})"
+            ) from None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        what = f"`{found.group(1)}`" if found else "a Python object that is not a tensor"
+        raise ValueError(
+            f"{path} is not a plain weights file: unpickling it would call or build {what}, "
+            "which torch.load(weights_only=True) refuses (zoo never unpickles arbitrary "
+            "objects). Save the state_dict alone (torch.save(model.state_dict(), f)) or as "
+            ".safetensors, where you trust the file"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file: torch raises many kinds
+        raise ValueError(
+            f"{path} is not a readable torch weights file (corrupt, truncated or another "
+            f"format: {_first_line(e)})"
+        ) from None
+
+
+def _read_safetensors(path: str) -> Any:
+    from safetensors.torch import load_file  # lazy: the [convert] extra
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, or torch's errors on its dtypes
+        raise ValueError(
+            f"{path} is not a readable safetensors file (corrupt, truncated or another format: "
+            f"{_first_line(e)})"
+        ) from None
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    def unreadable(error: BaseException) -> ValueError:
+        return ValueError(
+            f"{path} is not a readable .npz file (corrupt, truncated or another format: "
+            f"{_first_line(error)})"
+        )
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise unreadable(e) from None
+        raise ValueError(
+            f"{path} is not a plain weights file: it is not an .npz (zip) or .npy file, and "
+            "numpy would read it as a Python pickle, which zoo never unpickles "
+            "(np.load(allow_pickle=False)); save numeric arrays with np.savez"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - EOFError, OSError, ... of a corrupt file
+        raise unreadable(e) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single .npy array, not named arrays (np.savez)")
+    arrays = {}
+    with data:
+        for name in data.files:
+            try:
+                arrays[name] = data[name]
+            except ValueError as e:
+                if "allow_pickle" not in str(e):
+                    raise unreadable(e) from None
+                raise ValueError(
+                    f"{path} is not a plain weights file: array '{name}' holds Python objects "
+                    "(dtype object), which zoo never unpickles (np.load(allow_pickle=False)); "
+                    "save numeric arrays only"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, ...
+                raise unreadable(e) from None
+    return arrays
+
+
 def load_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> StateDict:
     """Reads weights into a flat `{name: numpy array}` (floats as float32).
 
     Args:
-      path_or_state_dict: a `.safetensors`, `.pth`/`.pt`/`.bin` (torch, `weights_only=True`)
-        or `.npz` file, or a mapping of names to arrays/tensors.
+      path_or_state_dict: a `.safetensors`, `.pth`/`.pt`/`.bin`/`.ckpt` (torch,
+        `weights_only=True`) or `.npz` (`allow_pickle=False`) file, or a mapping of names to
+        arrays/tensors. Never an unrestricted pickle.
 
     Returns:
       The state_dict, wrappers (`state_dict`, `model`, ...) and a `module.` prefix removed.
+
+    Raises:
+      FileNotFoundError: no file at the path.
+      ValueError: naming the file when it is of another format, corrupt, or not plain weights
+        (pickled Python objects, which are refused, never run).
     """
+    path = None
     if isinstance(path_or_state_dict, Mapping):
         raw = path_or_state_dict
     else:
         path = os.fspath(path_or_state_dict)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no weights file at '{path}'")
+        if os.path.isdir(path):
+            raise ValueError(
+                f"{path} is a directory, not a weights file ({SUPPORTED_FORMATS}); flax "
+                "variables written by `python -m zoo.convert` are read by "
+                "zoo.convert.read_converted"
+            )
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file  # lazy: the [convert] extra
-
-            raw = load_file(path, device="cpu")
-        elif path.endswith((".pth", ".pt", ".bin", ".ckpt")):
-            import torch  # lazy: the [convert] extra
-
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = _read_safetensors(path)
+        elif path.endswith(TORCH_EXTENSIONS):
+            raw = _read_torch(path)
         elif path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as data:
-                raw = dict(data)
+            raw = _read_npz(path)
         else:
             raise ValueError(
-                f"unknown weights format '{path}': expected .safetensors, .pth/.pt/.bin or .npz"
+                f"unknown weights format '{path}': zoo reads {SUPPORTED_FORMATS}, never an "
+                "unrestricted pickle (.pkl)"
             )
-    state = _unwrap(raw)
+    try:
+        state = _unwrap(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path else str(e)) from None
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        where = f"{path}: " if path else ""
+        raise ValueError(f"{where}parameter names must be strings, got {names[:3]}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     out = {}
@@ -233,7 +342,11 @@ def load_pretrained(
         raise ValueError(f"model '{model_name}' has no timm converter (from_timm)")
 
     state_dict = load_state_dict(path_or_state_dict)
-    converted = traverse_util.flatten_dict(entry.from_timm(state_dict, model))
+    source = "" if isinstance(path_or_state_dict, Mapping) else f" in {path_or_state_dict}"
+    try:
+        converted = traverse_util.flatten_dict(entry.from_timm(state_dict, model))
+    except (ValueError, KeyError) as e:  # the converter found names it does not know
+        raise ValueError(f"weights{source} do not fit '{model_name}': {e}") from None
 
     if input_size is None:
         input_size = entry.pretrained.input_size[0] if entry.pretrained else 224
@@ -269,8 +382,8 @@ def load_pretrained(
         )
     if problems:
         raise ValueError(
-            f"weights do not fit '{model_name}' (num_classes={getattr(model, 'num_classes', '?')})"
-            ":\n  " + "\n  ".join(problems)
+            f"weights{source} do not fit '{model_name}' "
+            f"(num_classes={getattr(model, 'num_classes', '?')}):\n  " + "\n  ".join(problems)
         )
 
     out = {
