@@ -5,7 +5,9 @@
         --config.optim.lr=0.05
 
 Outputs go to --workdir (default runs/<config name>); running again with the same workdir
-resumes from its latest checkpoint.
+resumes from its latest checkpoint. SIGTERM or Ctrl-C stops after the current step with a
+checkpoint. Exit status: 0 done (or stopped with a checkpoint), 1 the run failed (diverged, no
+usable checkpoint), 2 a bad config, override or input file (found before training starts).
 """
 
 import os
@@ -17,15 +19,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from configs.common import check_overrides  # noqa: E402
+from configs.common import check_overrides, parse_flags, usage_error  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = str(ROOT / "configs/default.py")
 
-if __name__ == "__main__":  # ml_collections parses overrides when the flag is defined
-    problem = check_overrides(sys.argv, DEFAULT_CONFIG)
-    if problem:
-        sys.exit(f"train.py: {problem}")
+# ml_collections parses the overrides when the flag is defined: check them first.
+if __name__ == "__main__" and (problem := check_overrides(sys.argv, DEFAULT_CONFIG)):
+    usage_error(problem)
 
 config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Config file (Python, get_config()).", lock_config=True
@@ -52,8 +53,6 @@ def choose_allocator(keep_freed_memory: bool) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
     choose_allocator(config.keep_freed_memory)
     from zoo.training import loop
@@ -62,11 +61,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         loop.run(config, flags.FLAGS.workdir or str(ROOT / "runs" / config_name))
-    except (ValueError, FileNotFoundError) as e:  # zoo's errors name the problem and the fix
+    except (ValueError, FileNotFoundError, loop.RunFailed) as e:  # zoo's errors say the fix
         if os.environ.get("ZOO_TRACEBACK"):
             raise
-        sys.exit(f"train.py: {e}\n(set ZOO_TRACEBACK=1 to see the traceback)")
+        print(f"train.py: {e}\n(set ZOO_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        sys.exit(1 if isinstance(e, loop.RunFailed) else 2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

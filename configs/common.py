@@ -4,6 +4,9 @@ Every key a run can take exists here, so the config is locked (a typo'd override
 naming the key) and has one type per key (a wrong type is an error too).
 """
 
+import sys
+from typing import NoReturn
+
 import ml_collections
 
 
@@ -59,7 +62,7 @@ def base() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.name = "supervised"
     c.method.label_smoothing = 0.0
-    # Binary/multilabel: a sigmoid output above this probability counts as positive
+    # Binary/multilabel: a sigmoid output at or above this probability counts as positive
     # (accuracy, precision, recall, F1); ROC-AUC and mAP do not depend on it.
     c.method.threshold = 0.5
     # Self-supervised methods (zoo/methods/simclr.py, byol.py, dino.py; 0 = the method's default).
@@ -95,6 +98,10 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+    # A NaN/inf loss or gradient stops the run (the last checkpoint is kept intact); True skips
+    # such updates instead, stopping only after more than max_skipped in a row.
+    c.optim.skip_nonfinite = False
+    c.optim.max_skipped = 10
     c.optim.freeze_backbone = False  # True: train the classifier head only (linear probe)
     # Layer-wise lr decay (BEiT): layer i of L gets lr * layer_decay ** (L - i); 1.0 = off.
     c.optim.layer_decay = 1.0
@@ -134,38 +141,124 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
-def check_overrides(argv: list[str], default_config: str) -> str | None:
-    """Checks every `--config.a.b=v` in `argv` names a key of the config file.
+def usage_error(message: str) -> NoReturn:
+    """A bad config file, flag or argument of train.py: one line on stderr, exit status 2."""
+    print(f"train.py: {message}", file=sys.stderr)
+    sys.exit(2)
 
-    ml_collections rejects an unknown key with a traceback; this returns a one-line message
-    naming the key and the closest existing keys instead (None when all keys exist).
-    """
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run(main, flags_parser=parse_flags)`, with a bad flag
+    value (one `check_overrides` does not know, e.g. a tuple's) or a stray argument as a
+    `usage_error` instead of absl's "FATAL Flags parsing error" and exit status 1."""
+    from absl import flags
+
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        usage_error(str(e))
+    if len(rest) > 1:
+        usage_error(f"unexpected arguments {rest[1:]}; give --config=FILE, --config.KEY=VALUE ...")
+    return rest
+
+
+def load_config_file(path: str, folder: str = "configs") -> ml_collections.ConfigDict:
+    """`get_config()` of the config file at `path`; ValueError naming the problem and the fix
+    for a missing file (with the config files of its folder, else of `folder`), a folder, a
+    file that is not Python or one without `get_config`."""
     import difflib
+    import pathlib
     import runpy
 
-    path = default_config
-    for arg in argv[1:]:
-        if arg.startswith("--config=") or arg.startswith("--config "):
-            path = arg.split("=", 1)[1].split(":", 1)[0]
+    file = pathlib.Path(path)
+    if file.is_dir():
+        raise ValueError(f"config file '{path}' is a folder; give a .py file in it")
+    if not file.is_file():
+        where = file.parent if file.parent.is_dir() else pathlib.Path(folder)
+        names = sorted(p.name for p in where.glob("*.py") if "\ndef get_config" in p.read_text())
+        close = difflib.get_close_matches(file.name, names, n=3, cutoff=0.6)
+        hint = (
+            f"did you mean: {', '.join(str(where / n) for n in close)}?"
+            if close
+            else f"config files in {where}: {', '.join(names)}"
+        )
+        raise ValueError(f"config file '{path}' not found; {hint}")
     try:
-        config = runpy.run_path(path)["get_config"]()
-    except FileNotFoundError:
-        return f"config file '{path}' not found"
+        module = runpy.run_path(str(file))
+    except SyntaxError as e:
+        line = "" if "line" in str(e.msg) else f" (line {e.lineno})"
+        raise ValueError(f"config file '{path}' is not Python: {e.msg}{line}") from None
+    if not callable(module.get("get_config")):
+        raise ValueError(
+            f"config file '{path}' has no get_config(); a config file defines get_config() "
+            "returning an ml_collections.ConfigDict (see configs/default.py)"
+        )
+    return module["get_config"]()
+
+
+def check_overrides(argv: list[str], default_config: str) -> str | None:
+    """Checks the config file and every `--config.a.b=v` of `argv` before absl parses them.
+
+    absl and ml_collections report a missing config file, an unknown key, a value of the wrong
+    type or an override before `--config=FILE` with a traceback or a "FATAL Flags parsing
+    error"; this returns a one-line message naming the problem and the fix instead (None when
+    all is well): the closest existing keys for an unknown one, the type and an example value
+    for a wrong one.
+    """
+    import difflib
+    import pathlib
+
+    from absl import flags
+
+    args = argv[1:]
+    path, config_at = default_config, None
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            path, config_at = arg.split("=", 1)[1], i
+        elif arg == "--config" and i + 1 < len(args):
+            path, config_at = args[i + 1], i
+    path = path.split(":", 1)[0]  # ml_collections' "file.py:argument"
+    try:
+        config = load_config_file(path, str(pathlib.Path(default_config).parent))
+    except ValueError as e:
+        return str(e)
 
     def keys(node, prefix=""):
         for key, value in node.items():
             name = f"{prefix}{key}"
-            yield name
+            yield name, value
             if isinstance(value, ml_collections.ConfigDict):
                 yield from keys(value, name + ".")
 
-    known = list(keys(config))
-    for arg in argv[1:]:
+    known = dict(keys(config))
+    parsers = {bool: flags.BooleanParser(), int: flags.IntegerParser(), float: flags.FloatParser()}
+    for i, arg in enumerate(args):
         if not arg.startswith("--config."):
             continue
-        key = arg[len("--config.") :].split("=", 1)[0]
+        if config_at is not None and i < config_at:
+            return f"{arg} comes before {args[config_at]}: put --config=FILE first, then overrides"
+        key, has_value, text = arg[len("--config.") :].partition("=")
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-            hint = f"did you mean: {', '.join(close)}?" if close else f"known keys: {known}"
+            close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+            sections = [k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)]
+            hint = (
+                f"did you mean: {', '.join(close)}?"
+                if close
+                else f"keys are a.b as in {path}, sections: {', '.join(sections)}"
+            )
             return f"unknown config key '{key}' in {arg}; {hint}"
+        default, parser = known[key], parsers.get(type(known[key]))
+        if isinstance(default, ml_collections.ConfigDict):  # would replace the locked section
+            fields = ", ".join(f"{key}.{k}" for k in list(default)[:3])
+            return f"{arg}: '{key}' is a section; override its keys one by one (e.g. {fields})"
+        if has_value and parser is not None:
+            try:
+                parser.parse(text)
+            except (TypeError, ValueError):
+                kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+                example = str(default).lower() if isinstance(default, bool) else default
+                return (
+                    f"{arg}: config key '{key}' takes {kind}, not '{text}' "
+                    f"(e.g. --config.{key}={example})"
+                )
     return None

@@ -75,7 +75,7 @@ def test_binary_metrics_match_numpy_and_eight_devices_equal_one():
     logits, labels = logits_and_labels("binary")
     results = evaluate_logits("binary", logits, labels, jax.devices()[:1])
     scores, truth = 1 / (1 + np.exp(-logits[:, 0])), labels == 1
-    predicted = scores > 0.5
+    predicted = scores >= 0.5  # at or above the threshold (is_positive)
     tp, fp, fn = np.sum(predicted & truth), np.sum(predicted & ~truth), np.sum(~predicted & truth)
     assert results["count"] == NUM
     assert results["accuracy"] == pytest.approx(np.mean(predicted == truth))
@@ -102,7 +102,7 @@ def test_multilabel_metrics_match_numpy_and_eight_devices_equal_one():
     logits, labels = logits_and_labels("multilabel")
     results = evaluate_logits("multilabel", logits, labels, jax.devices()[:1])
     scores, truth = 1 / (1 + np.exp(-logits)), labels == 1
-    predicted = scores > 0.5
+    predicted = scores >= 0.5  # at or above the threshold (is_positive)
     aps = [reference_ap(scores[:, k], labels[:, k]) for k in range(CLASSES)]
     assert results["map"] == pytest.approx(np.mean(aps), abs=1e-6)
     assert results["f1_micro"] == pytest.approx(reference_f1(predicted, truth))

@@ -185,13 +185,15 @@ def decide(
     probabilities: np.ndarray, class_names: Sequence[str], task: str, threshold: float
 ) -> list[list[str]]:
     """Per row, the predicted labels: the most probable class (multiclass); the positive
-    class when its probability is >= `threshold`, else the negative one (binary); every label
-    with probability >= `threshold` (multilabel, possibly none)."""
+    class when its probability is at or above `threshold`, else the negative one (binary);
+    every label at or above `threshold` (multilabel, possibly none). The rule is evaluation's
+    (`zoo.methods.supervised.is_positive`)."""
     if task == "multiclass":
         return [[class_names[int(i)]] for i in np.argmax(probabilities, axis=-1)]
+    positive = is_positive(np.asarray(probabilities, np.float32), threshold)
     if task == "binary":
-        return [[class_names[1] if p[1] >= threshold else class_names[0]] for p in probabilities]
-    return [[class_names[i] for i in np.flatnonzero(p >= threshold)] for p in probabilities]
+        return [[class_names[1] if p[1] else class_names[0]] for p in positive]
+    return [[class_names[i] for i in np.flatnonzero(p)] for p in positive]
 
 
 def _probabilities_fn(variables: Any, images: jax.Array, *, model: Any, task: str):

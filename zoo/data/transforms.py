@@ -20,6 +20,10 @@ every image (normalisation, mixup, colour ops) runs on the device: see zoo/data/
 from __future__ import annotations
 
 import ast
+import difflib
+import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -31,12 +35,38 @@ Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
 
 TRANSFORMS: Registry[Callable[..., Op]] = Registry("transform")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "area")
+
+
+def _require(ok: bool, message: str) -> None:
+    """An op's argument check, at build time (before any image is read)."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive_size(size: Any, name: str = "size") -> None:
+    sides = size if isinstance(size, tuple | list) else (size,)
+    _require(all(side > 0 for side in sides), f"{name} must be > 0, got {size}")
+
+
+def _probability(prob: float, name: str = "prob") -> None:
+    _require(0.0 <= prob <= 1.0, f"{name} must be in [0, 1], got {prob}")
+
+
+def _interpolation(interpolation: str) -> None:
+    _require(
+        interpolation in INTERPOLATIONS,
+        f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got '{interpolation}'",
+    )
 
 
 @TRANSFORMS.register
 def random_crop(padding: int = 4, size: int | None = None) -> Op:
     """Zero-pads by `padding` pixels on each side, then crops `size` (default: the input's)
     at a random position — the CIFAR augmentation of He et al. 2016."""
+    _require(padding >= 0, f"padding must be >= 0, got {padding}")
+    if size is not None:
+        _positive_size(size)
 
     def op(example: Example, rng: np.random.Generator) -> Example:
         image = example["image"]  # [H, W, C]
@@ -60,6 +90,7 @@ def random_crop(padding: int = 4, size: int | None = None) -> Op:
 @TRANSFORMS.register
 def flip(prob: float = 0.5) -> Op:
     """Horizontal flip with probability `prob`."""
+    _probability(prob)
 
     def op(example: Example, rng: np.random.Generator) -> Example:
         if rng.random() < prob:
@@ -79,8 +110,7 @@ def _resize(image: np.ndarray, height: int, width: int, interpolation: str) -> n
         "lanczos": Image.LANCZOS,
         "area": Image.BOX,
     }
-    if interpolation not in methods:
-        raise ValueError(f"interpolation must be one of {', '.join(methods)}")
+    _interpolation(interpolation)
     squeeze = image.shape[-1] == 1
     pil = Image.fromarray(image[..., 0] if squeeze else image)
     out = np.asarray(pil.resize((width, height), methods[interpolation]))
@@ -125,6 +155,10 @@ def random_resized_crop(
 ) -> Op:
     """Inception crop (Szegedy et al. 2015): a random area fraction in `scale` and aspect
     ratio in `ratio` (log-uniform), resized to size x size; falls back to a centre crop."""
+    _positive_size(size)
+    _require(0 < scale[0] <= scale[1], f"scale must be (min, max) with 0 < min <= max, got {scale}")
+    _require(0 < ratio[0] <= ratio[1], f"ratio must be (min, max) with 0 < min <= max, got {ratio}")
+    _interpolation(interpolation)
 
     def op(example: Example, rng: np.random.Generator) -> Example:
         image = example["image"]
@@ -138,6 +172,8 @@ def random_resized_crop(
 @TRANSFORMS.register
 def resize(size: int | tuple[int, int], interpolation: str = "bilinear") -> Op:
     """Resizes the short side to `size` (aspect kept), or to exactly (height, width)."""
+    _positive_size(size)
+    _interpolation(interpolation)
 
     def op(example: Example, rng: np.random.Generator | None = None) -> Example:
         image = example["image"]
@@ -155,6 +191,7 @@ def resize(size: int | tuple[int, int], interpolation: str = "bilinear") -> Op:
 @TRANSFORMS.register
 def center_crop(size: int | tuple[int, int]) -> Op:
     """The central size x size (or (height, width)) crop; zero-padded if the image is smaller."""
+    _positive_size(size)
     crop_h, crop_w = (size, size) if isinstance(size, int) else size
 
     def op(example: Example, rng: np.random.Generator | None = None) -> Example:
@@ -186,6 +223,9 @@ def resize_center_crop(
     round half to even (torchvision's `CenterCrop`); a crop larger than the image is
     zero-padded (crop_pct > 1).
     """
+    _positive_size(size)
+    _require(crop_pct > 0, f"crop_pct must be > 0 (timm: 0.875), got {crop_pct}")
+    _interpolation(interpolation)
     crop_h, crop_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     crop = center_crop((crop_h, crop_w))
 
@@ -237,6 +277,8 @@ def random_erasing(
     uniform 0..255 noise is its host-side counterpart.)"""
     if mode not in ("pixel", "rand", "const"):
         raise ValueError(f"random_erasing mode must be pixel, rand or const, got '{mode}'")
+    _probability(prob)
+    _require(max_count >= 1, f"max_count must be >= 1, got {max_count}")
     log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
 
     def op(example: Example, rng: np.random.Generator) -> Example:
@@ -278,6 +320,10 @@ def multi_crop(
     crops follow (`image_{num_global}`, ...); every view batches to its own array and the
     device ops (normalisation, colour ops) apply to each.
     """
+    _positive_size(global_size, "global_size")
+    _positive_size(local_size, "local_size")
+    _probability(flip_prob, "flip_prob")
+    _require(num_global >= 0 and num_local >= 0, "num_global and num_local must be >= 0")
     sizes = [(global_size, global_scale)] * num_global + [(local_size, local_scale)] * num_local
     if not sizes:
         raise ValueError("multi_crop needs at least one view")
@@ -302,6 +348,8 @@ def rand_augment(
     see zoo/data/rand_augment.py."""
     from zoo.data.rand_augment import rand_augment_op
 
+    _require(num_ops >= 0, f"num_ops must be >= 0, got {num_ops}")
+    _probability(prob)
     return rand_augment_op(num_ops, magnitude, magnitude_std, prob)
 
 
@@ -350,22 +398,73 @@ def parse_ops(spec: str) -> list[tuple[str, dict[str, Any]]]:
             kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
         except (SyntaxError, ValueError):
             raise ValueError(
-                f"cannot parse transform '{text}' in '{spec}': write ops as "
-                "name or name(key=value, ...) joined by '|', e.g. 'random_crop(padding=4)|flip'"
+                f"cannot parse transform '{text}' in '{spec}': write ops as name or "
+                "name(key=value, ...) with literal values (numbers, 'strings', tuples) joined "
+                "by '|', e.g. 'random_crop(padding=4)|flip'"
             ) from None
         ops.append((node.func.id, kwargs))
     return ops
 
 
-def build_ops(spec: str) -> list[Op]:
-    """The ops named in `spec`, validated: unknown names and arguments are errors."""
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a literal from a config fits an op argument's annotation (int, float, str,
+    bool, None, tuples and unions of them); anything else is not checked."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_fits, value, args))
+    if annotation is type(None):
+        return value is None
+    if annotation is int:  # a bool is not an int here
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:  # an int is a float too
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, annotation) if isinstance(annotation, type) else True
+
+
+def _check_arguments(name: str, factory: Callable[..., Op], kwargs: dict[str, Any]) -> None:
+    """Unknown, missing and mistyped arguments of op `name`, named with what it takes."""
+    parameters = inspect.signature(factory).parameters
+    for key in kwargs:
+        if key not in parameters:
+            close = difflib.get_close_matches(key, list(parameters), n=1)
+            takes = ", ".join(
+                p if v.default is v.empty else f"{p}={v.default!r}" for p, v in parameters.items()
+            )
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"transform '{name}' has no argument '{key}'; {hint}it takes {takes}")
+    missing = [p for p, v in parameters.items() if v.default is v.empty and p not in kwargs]
+    if missing:
+        needs = ", ".join(f"{m}=..." for m in missing)
+        raise ValueError(f"transform '{name}' needs {needs}, e.g. '{name}({needs})'")
+    hints = typing.get_type_hints(factory)
+    for key, value in kwargs.items():
+        if key in hints and not _fits(value, hints[key]):
+            kind = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
+            raise ValueError(f"transform '{name}': {key} takes {kind}, got {value!r}")
+
+
+def build_ops(spec: str, key: str = "") -> list[Op]:
+    """The ops named in `spec`, validated before any image is read: unknown names (with close
+    matches), unknown, missing or mistyped arguments and values out of range are ValueErrors
+    naming the op, and `key` (the config key of `spec`, e.g. "data.train_ops") when given."""
+    where = f"{key}='{spec}': " if key else ""
     built = []
-    for name, kwargs in parse_ops(spec):
-        factory = TRANSFORMS.get(name)
-        try:
-            built.append(factory(**kwargs))
-        except TypeError as e:
-            raise ValueError(f"transform '{name}': {e}") from None
+    try:
+        for name, kwargs in parse_ops(spec):
+            factory = TRANSFORMS.get(name)
+            _check_arguments(name, factory, kwargs)
+            try:
+                built.append(factory(**kwargs))
+            except (TypeError, ValueError) as e:  # the op's own checks of its values
+                raise ValueError(f"transform '{name}': {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
     return built
 
 

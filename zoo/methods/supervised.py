@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from zoo.data.augment import photometric_from_config
@@ -55,12 +56,32 @@ def binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """[B] 1.0 where the label is among the k largest logits."""
+    """[B] 1.0 where the label is among the k largest logits; 0.0 wherever a logit of the
+    example is NaN or infinite (a diverged model is never right)."""
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
     # Rank = number of classes with a strictly larger logit (ties count in the label's favour).
     rank = jnp.sum(logits > label_logit, axis=-1)
-    return (rank < k).astype(jnp.float32)
+    return ((rank < k) & all_finite(logits)).astype(jnp.float32)
+
+
+def all_finite(logits: jax.Array) -> jax.Array:
+    """[B] whether every logit of each example is finite."""
+    return jnp.all(jnp.isfinite(logits), axis=-1)
+
+
+def is_positive(probabilities: Any, threshold: float) -> Any:
+    """The decision rule of binary and multi-label outputs, in evaluation and prediction alike:
+    a probability at or above `threshold` is positive. Compared in float32 (the models'
+    output dtype), so both give the same answer at the boundary; numpy or JAX arrays."""
+    return probabilities >= np.float32(threshold)
+
+
+def predicted_labels(logits: jax.Array, truth: jax.Array, threshold: float) -> jax.Array:
+    """0/1 decisions [B, K] at `threshold`; a non-finite logit gets the wrong answer
+    (1 - truth), so it counts as a false positive or a false negative, never as right."""
+    decided = is_positive(jax.nn.sigmoid(logits), threshold)
+    return jnp.where(jnp.isfinite(logits), decided, truth < 0.5).astype(jnp.float32)
 
 
 def sigmoid_targets(labels: jax.Array) -> jax.Array:
@@ -84,8 +105,8 @@ def supervised(
       num_classes: outputs of the model: classes (multiclass, multilabel) or 1 (binary).
       label_smoothing: s in [0, 1); softmax: (1 - s) one-hot + s / K; sigmoid: y(1 - s) + s/2.
       task: "multiclass", "binary" or "multilabel".
-      threshold: probability above which a sigmoid output counts as positive (binary and
-        multilabel accuracy, precision, recall, F1).
+      threshold: probability at or above which a sigmoid output counts as positive (binary
+        and multilabel accuracy, precision, recall, F1; `is_positive`).
       views: the data pipeline's views (one: `image`, with the config's `data.train_ops`).
     """
     if task not in TASKS:
@@ -94,8 +115,6 @@ def supervised(
         raise ValueError(
             f"a binary task has one logit (sigmoid), so num_classes must be 1, got {num_classes}"
         )
-    # Positive when sigmoid(logit) > threshold, i.e. logit > logit(threshold).
-    logit_threshold = float(jnp.log(threshold) - jnp.log1p(-threshold))
 
     def init(rng: jax.Array, batch: Batch):
         variables = model.init({"params": rng}, batch["image"], train=False)
@@ -129,7 +148,7 @@ def supervised(
                 logits, hard * (1.0 - label_smoothing) + label_smoothing / 2
             )
             # Per-label accuracy at the threshold (binary: the plain accuracy).
-            accuracy = jnp.mean((logits > logit_threshold) == (hard > 0.5))
+            accuracy = jnp.mean(predicted_labels(logits, hard, threshold) == hard)
         return jnp.mean(per_example), ({"accuracy": accuracy}, dict(new_state), None)
 
     def logits(params, model_state, images):
@@ -144,9 +163,10 @@ def supervised(
         logits = logits.astype(jnp.float32)
         if task == "multiclass":
             one_hot = jax.nn.one_hot(labels, num_classes)
-            confusion = jnp.einsum(  # [true, predicted]
+            finite = all_finite(logits)
+            confusion = jnp.einsum(  # [true, predicted]; examples with non-finite logits left out
                 "bi,bj->ij",
-                one_hot * mask[:, None],
+                one_hot * (mask * finite)[:, None],
                 jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes),
             )
             return {
@@ -154,14 +174,17 @@ def supervised(
                 "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
                 "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
                 "count": jnp.sum(mask),
+                "nonfinite": jnp.sum(mask * ~finite),
                 "confusion": confusion,
             }
         truth = sigmoid_targets(labels)  # [B, K]
-        predicted = (logits > logit_threshold).astype(jnp.float32)
+        predicted = predicted_labels(logits, truth, threshold)
+        finite = jnp.isfinite(logits)
         weight = mask[:, None]
         sums = {
             "loss": jnp.sum(binary_cross_entropy(logits, truth) * mask),
             "count": jnp.sum(mask),
+            "nonfinite": jnp.sum(mask * ~all_finite(logits)),
             # Per class [K]: true/false positives and false negatives at the threshold.
             "tp": jnp.sum(predicted * truth * weight, axis=0),
             "fp": jnp.sum(predicted * (1 - truth) * weight, axis=0),
@@ -169,7 +192,13 @@ def supervised(
             "correct_labels": jnp.sum((predicted == truth) * weight),
             "exact_match": jnp.sum(jnp.all(predicted == truth, axis=-1) * mask),
             # Ranking metrics (ROC-AUC, average precision) need the scores themselves.
-            "per_example": {"score": jax.nn.sigmoid(logits), "label": truth, "mask": mask},
+            # A non-finite logit's score is ranked as wrong as possible (metrics_from_totals).
+            "per_example": {
+                "score": jax.nn.sigmoid(logits),
+                "finite": finite,
+                "label": truth,
+                "mask": mask,
+            },
         }
         if task == "binary":  # [true, predicted] over (negative, positive)
             sums["confusion"] = jnp.einsum(

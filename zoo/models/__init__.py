@@ -10,6 +10,7 @@ from zoo.models import (
 from zoo.models.catalog import (  # noqa: F401
     MODELS,
     PretrainedConfig,
+    check_input_size,
     create_model,
     list_models,
     model_entry,

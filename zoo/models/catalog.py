@@ -110,6 +110,15 @@ def config_overrides(model_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_input_size(model: nn.Module, height: int, width: int) -> None:
+    """ValueError when `model` cannot take height x width inputs, from its family's optional
+    `check_input(height, width)` method (a ViT's or Swin's patch size must divide them, a
+    ConvNeXt needs at least 32 px): a cheap check before anything is traced or compiled."""
+    check = getattr(type(model), "check_input", None)
+    if check is not None:
+        check(model, height, width)
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Names of registered models matching a glob pattern, sorted."""
     return MODELS.list(pattern)

@@ -141,6 +141,17 @@ class ConvNeXt(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def check_input(self, height: int, width: int) -> None:
+        """ValueError unless the last stage's feature map is at least 1x1: the stem divides
+        the input by `patch_size` and each later stage by 2 (flooring, as timm's)."""
+        smallest = self.patch_size * 2 ** (len(self.depths) - 1)
+        if min(height, width) < smallest:
+            raise ValueError(
+                f"ConvNeXt needs inputs of at least {smallest}x{smallest} (a {self.patch_size}x"
+                f"{self.patch_size} stem and {len(self.depths) - 1} 2x2 downsamplings), got "
+                f"{height}x{width}; resize the images"
+            )
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

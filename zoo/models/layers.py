@@ -629,9 +629,24 @@ class Attention(nn.Module):
         return nn.Dropout(self.proj_dropout_rate, deterministic=not train)(out)
 
 
+def check_patch_size(patch_size: int, height: int, width: int) -> None:
+    """ValueError unless `patch_size` divides a height x width input (as timm's PatchEmbed
+    asserts; a strided convolution would silently drop the remainder), naming the patch
+    sizes that do."""
+    if patch_size > 0 and height % patch_size == 0 and width % patch_size == 0:
+        return
+    fits = [p for p in range(2, min(height, width) + 1) if height % p == 0 and width % p == 0]
+    raise ValueError(
+        f"patch_size={patch_size} does not divide the {height}x{width} input; patch sizes "
+        f"that do: {', '.join(map(str, fits)) or 'none above 1'} (or resize the input to a "
+        f"multiple of {patch_size})"
+    )
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens: a patch_size-strided convolution (+ optional
-    LayerNorm, as in Swin). [B, H, W, C] -> [B, H / patch, W / patch, embed_dim] (NHWC)."""
+    LayerNorm, as in Swin). [B, H, W, C] -> [B, H / patch, W / patch, embed_dim] (NHWC);
+    the patch size must divide H and W (`check_patch_size`)."""
 
     embed_dim: int
     patch_size: int = 16
@@ -643,6 +658,7 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
+        check_patch_size(p, x.shape[1], x.shape[2])
         x = Conv(
             self.embed_dim,
             (p, p),

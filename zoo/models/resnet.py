@@ -144,6 +144,13 @@ def residual_shortcut(block: nn.Module, x: jax.Array, out_features: int) -> jax.
     return block.norm(name="downsample_1")(x)
 
 
+CHOICES = {  # ResNet's string fields
+    "block": ("basic", "bottleneck"),
+    "stem": ("imagenet", "cifar"),
+    "shortcut": ("projection", "pad"),
+}
+
+
 class ResNet(nn.Module):
     """ResNet backbone + linear head.
 
@@ -180,10 +187,18 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    def __post_init__(self):
+        # Checked when the model is built (create_model), not when it is first traced.
+        for field, allowed in CHOICES.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(
+                    f"{field} must be {' or '.join(map(repr, allowed))}, got "
+                    f"{getattr(self, field)!r}"
+                )
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if self.block not in ("basic", "bottleneck"):
-            raise ValueError(f"block must be 'basic' or 'bottleneck', got '{self.block}'")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(
             BatchNorm,

@@ -41,6 +41,7 @@ from zoo.models.layers import (
     Mlp,
     PatchEmbed,
     block_input,
+    check_patch_size,
     dense_init,
     layer_norm,
 )
@@ -201,6 +202,11 @@ class SwinTransformer(nn.Module):
     drop_path_rate: float = 0.1
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+    def check_input(self, height: int, width: int) -> None:
+        """ValueError unless the model takes height x width inputs: the patch size divides
+        both (windows need not divide the maps, which are padded: see the module doc)."""
+        check_patch_size(self.patch_size, height, width)
 
     def stage_windows(self) -> list[tuple[int, int]]:
         """(window, shift) side of each stage, from the feature map size at `img_size`."""

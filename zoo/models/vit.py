@@ -43,6 +43,7 @@ from zoo.models.layers import (
     Mlp,
     PatchEmbed,
     block_input,
+    check_patch_size,
     dense_init,
     layer_norm,
 )
@@ -162,6 +163,11 @@ class VisionTransformer(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + int(self.distilled)
+
+    def check_input(self, height: int, width: int) -> None:
+        """ValueError unless the model takes height x width inputs: the patch size divides
+        both (checked before tracing by `zoo.models.check_input_size`)."""
+        check_patch_size(self.patch_size, height, width)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool):

@@ -103,6 +103,8 @@ def metrics_from_totals(
     results: dict[str, Any] = {
         "loss": float(totals["loss"]) / count,
         "count": int(round(float(totals["count"]))),
+        # Examples with a NaN or infinite logit: counted wrong by every metric.
+        "nonfinite": int(round(float(totals.get("nonfinite", 0)))),
     }
     if "confusion" in totals:
         results["confusion"] = np.asarray(totals["confusion"]).round().astype(np.int64)
@@ -147,8 +149,11 @@ def evaluate(
         if per_example is not None:  # one host copy per batch: only for ranking metrics
             per_example = jax.device_get(per_example)
             keep = per_example["mask"] > 0
-            scores.append(per_example["score"][keep])
-            labels.append(per_example["label"][keep])
+            score, label = per_example["score"][keep], per_example["label"][keep]
+            # A non-finite logit ranks as wrong as possible: positives lowest, negatives highest.
+            worst = np.where(label > 0.5, -1.0, 2.0)
+            scores.append(np.where(per_example["finite"][keep], score, worst))
+            labels.append(label)
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     if totals is None:
         raise ValueError("the eval split is empty")

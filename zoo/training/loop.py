@@ -17,20 +17,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from zoo import backend
 from zoo.data import pipeline
-from zoo.data.augment import augment_from_config, make_augment
+from zoo.data.augment import augment_from_config, image_keys, make_augment
 from zoo.data.datasets import get_dataset
+from zoo.data.transforms import build_ops
 from zoo.methods import METHODS
-from zoo.models import create_model, model_entry
+from zoo.methods.base import View
+from zoo.models import MODELS, check_input_size, create_model, model_entry
 from zoo.models.catalog import config_overrides
 from zoo.models.pretrained import load_pretrained, load_state_dict
 from zoo.training import metrics as metrics_lib
-from zoo.training.checkpoint import Checkpointer, latest_checkpoint
+from zoo.training.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
 from zoo.training.evaluate import evaluator_names, run_evaluators
 from zoo.training.optim import build_optimizer
+from zoo.training.preemption import StopSignals
 from zoo.training.state import TrainState
 from zoo.training.step import (
     compile_eval_step,
@@ -40,15 +44,29 @@ from zoo.training.step import (
     shardings,
 )
 
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (diverged; no usable checkpoint): train.py exits 1 with the message."""
+
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def build_model(config: Any, num_classes: int):
     name, dtype = config.model.name, config.model.dtype
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        raise ValueError(
+            f"model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}' (the compute "
+            "dtype; parameters stay float32)"
+        )
     overrides = config_overrides(config.model.to_dict())
-    return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **overrides)
+    MODELS.get(name)  # an unknown name lists the close matches
+    try:
+        return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **overrides)
+    except ValueError as e:  # a field's own check, e.g. ResNet's stem
+        if str(e).startswith("model '"):
+            raise
+        raise ValueError(f"model '{name}': {e}") from None
 
 
 def is_classifier(config: Any) -> bool:
@@ -62,6 +80,16 @@ def build_method(config: Any, model, spec, *, steps_per_epoch: int = 1, total_st
     """The method `config.method.name` (zoo/methods/) on `model`, checked against the dataset
     and the evaluators before anything is compiled."""
     evaluator_names(config.evals.names)  # an unknown evaluator fails here
+    threshold, smoothing = config.method.threshold, config.method.label_smoothing
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(
+            f"method.threshold={threshold} must be in (0, 1): the probability at or above which a "
+            "sigmoid output counts as positive (default 0.5)"
+        )
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(
+            f"method.label_smoothing={smoothing} must be in [0, 1) (0 = off; 0.1 is usual)"
+        )
     if not is_classifier(config) and config.init_from:
         raise ValueError(
             f"init_from starts a classifier from weights; method '{config.method.name}' "
@@ -73,9 +101,13 @@ def build_method(config: Any, model, spec, *, steps_per_epoch: int = 1, total_st
 
 
 def format_metrics(results: dict[str, Any]) -> str:
-    """'accuracy 0.9120, f1 0.8800, ...': the scalar eval metrics of any task, for the log."""
-    skip = ("confusion", "count", "linear_probe_train_accuracy")
-    return ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in skip)
+    """'accuracy 0.9120, f1 0.8800, ...': the scalar eval metrics of any task, for the log
+    (and how many examples had non-finite logits, when any did)."""
+    skip = ("confusion", "count", "nonfinite", "linear_probe_train_accuracy")
+    text = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in skip)
+    if results.get("nonfinite"):
+        text += f" ({results['nonfinite']} of {results['count']} examples: non-finite logits)"
+    return text
 
 
 def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, list[str]]:
@@ -141,6 +173,60 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
         )
     variables = traverse_util.unflatten_dict(merged)
     return variables.pop("params"), variables, reinit + zero_filled
+
+
+class NonFiniteGuard:
+    """Checks each step's `nonfinite` flag (the train step's metrics, read on the host at
+    logging, evaluation and checkpoint steps, before any checkpoint is written).
+
+    By default the first non-finite step stops the run (`RunFailed`: the step, the loss and
+    gradient norm, the last checkpoint, which is intact); with `optim.skip_nonfinite` the step
+    skipped those updates, and the run stops only after more than `max_skipped` in a row.
+    """
+
+    def __init__(self, skip: bool, max_skipped: int, checkpointer: Checkpointer):
+        self.skip, self.max_skipped, self.checkpointer = skip, max_skipped, checkpointer
+        self.total = self.in_row = 0
+
+    def check(self, first_step: int, values: list[dict[str, Any]]) -> None:
+        """`values`: the host metrics of steps first_step, first_step + 1, ..."""
+        for step, metrics in enumerate(values, start=first_step):
+            if not metrics["nonfinite"]:
+                self.in_row = 0
+                continue
+            self.total, self.in_row = self.total + 1, self.in_row + 1
+            if self.skip and self.in_row <= self.max_skipped:
+                continue
+            what = (
+                f"step {step}: loss {float(metrics['loss']):.4g}, gradient norm "
+                f"{float(metrics['grad_norm']):.4g}"
+            )
+            self.checkpointer.wait()
+            last = self.checkpointer.latest_step()
+            kept = (
+                f"The last checkpoint, step {last} in {self.checkpointer.directory}, is intact"
+                if last is not None
+                else "No checkpoint was written before it"
+            )
+            if self.skip:
+                raise RunFailed(
+                    f"{self.in_row} updates in a row had a non-finite loss or gradient (more "
+                    f"than optim.max_skipped={self.max_skipped}), the last at {what}. {kept}. "
+                    "Lower optim.lr or set optim.grad_clip_norm."
+                )
+            raise RunFailed(
+                f"the run diverged at {what} (not finite). {kept}. Lower optim.lr (it was "
+                f"{float(metrics['lr']):.4g} at that step), set optim.grad_clip_norm, or set "
+                "optim.skip_nonfinite=True to skip such updates."
+            )
+
+    def window_means(self, window: list[dict[str, Any]]) -> dict[str, float]:
+        """Mean of each train metric over the window's steps that were not skipped (all of
+        them when every one was), plus `nonfinite`: the fraction skipped."""
+        kept = [m for m in window if not m["nonfinite"]] or window
+        means = {k: float(np.mean([m[k] for m in kept])) for k in window[0]}
+        means["nonfinite"] = float(np.mean([m["nonfinite"] for m in window]))
+        return means
 
 
 def ssl_backbone(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -225,13 +311,30 @@ def build(config: Any, spec: Any, mesh: Any) -> Parts:
     augment = augment_from_config(
         config.data, spec, config.method.label_smoothing, views=method.views
     )
+    for key in ("data.train_ops", "data.eval_ops"):  # eval ops are used only at the first eval
+        build_ops(config.data[key.split(".")[1]], key=key)
+    example_batch = pipeline.example_batch(spec, config.data, method.views)
+    eval_example = pipeline.example_batch(spec, config.data, [View("image", config.data.eval_ops)])
+    for split, batch in (("training", example_batch), ("eval", eval_example)):
+        for key in image_keys(batch):
+            height, width = batch[key].shape[1:3]
+            try:
+                check_input_size(model, height, width)
+            except ValueError as e:
+                view = "" if key == "image" else f" ({key})"
+                raise ValueError(
+                    f"model '{config.model.name}' cannot take the {height}x{width} {split} "
+                    f"images{view} of {spec.name}: {e}. Change the model (e.g. "
+                    "model.patch_size) or the image size (data.train_ops and data.eval_ops, "
+                    "e.g. 'resize(size=32)')"
+                ) from None
     return Parts(
         model=model,
         method=method,
         tx=tx,
         schedule=schedule,
         augment=augment,
-        example_batch=pipeline.example_batch(spec, config.data, method.views),
+        example_batch=example_batch,
         mesh=mesh,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -240,9 +343,54 @@ def build(config: Any, spec: Any, mesh: Any) -> Parts:
     )
 
 
+def check_run_config(config: Any, workdir: pathlib.Path) -> None:
+    """The keys `run` itself reads (lengths, intervals, batch sizes, `init_from`), checked
+    before anything is built; the builders check theirs (`build`). ValueError or
+    FileNotFoundError naming the key, the value and the fix."""
+    positive = {
+        "data.batch_size": "the global batch over all devices, e.g. 128",
+        "data.eval_batch_size": "e.g. 500",
+        "checkpoint.every_steps": "steps between checkpoints, e.g. 500",
+        "checkpoint.keep": "checkpoints kept, e.g. 3",
+        "logging.every_steps": "steps between train metrics, e.g. 50",
+    }
+    for key, meaning in positive.items():
+        section, field = key.split(".")
+        if config[section][field] <= 0:
+            raise ValueError(f"{key} must be > 0 ({meaning}), got {config[section][field]}")
+    if config.evals.every_steps < 0:
+        raise ValueError(
+            f"evals.every_steps must be >= 0 (0 = once per epoch), got {config.evals.every_steps}"
+        )
+    if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
+        raise ValueError(
+            f"total_steps={config.total_steps}, num_epochs={config.num_epochs}: set "
+            "total_steps > 0, or total_steps=0 and num_epochs > 0"
+        )
+    try:
+        if config.init_from_model:
+            MODELS.get(config.init_from_model)
+    except ValueError as e:  # unknown model 'x'; did you mean: ...
+        raise ValueError(f"init_from_model: {e}") from None
+    source = pathlib.Path(config.init_from).expanduser()
+    if config.init_from and latest_checkpoint(workdir) is None:  # else it resumes instead
+        if not source.exists():
+            raise FileNotFoundError(
+                f"init_from={config.init_from} is neither a zoo workdir nor a file (it does not "
+                "exist): give a zoo workdir or a weights file (.safetensors, .pth, .npz), or "
+                "unset init_from to train from scratch"
+            )
+        if source.is_dir() and latest_checkpoint(source) is None:
+            raise FileNotFoundError(
+                f"init_from={source} is a folder without checkpoints/<step>/; give a zoo "
+                "workdir that has trained, or a weights file"
+            )
+
+
 def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains and evaluates as `config` says; returns the final eval metrics."""
     workdir = pathlib.Path(workdir)
+    check_run_config(config, workdir)  # before anything is built, read or compiled
     workdir.mkdir(parents=True, exist_ok=True)
     if config.parallel.mode != "jit":
         raise ValueError(f"parallel.mode must be 'jit', got '{config.parallel.mode}'")
@@ -269,7 +417,11 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     checkpointer = Checkpointer(
         workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    restored = checkpointer.restore(state, train_iter)  # resume order: workdir, init_from, scratch
+    try:  # resume order: workdir, init_from, scratch
+        restored = checkpointer.restore(state, train_iter, config)
+    except CheckpointError as e:
+        checkpointer.close()
+        raise RunFailed(str(e)) from None
     state = restored if restored is not None else state
     init_message = ""
     if restored is None and config.init_from:
@@ -288,7 +440,12 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     train_step = compile_train_step(
-        mesh, method=method, tx=tx, augment=augment, schedule=parts.schedule
+        mesh,
+        method=method,
+        tx=tx,
+        augment=augment,
+        schedule=parts.schedule,
+        skip_nonfinite=config.optim.skip_nonfinite,
     )
     eval_step = compile_eval_step(mesh, method=method, augment=eval_augment)
     features_step = compile_eval_step(mesh, method=method, augment=eval_augment, output="features")
@@ -323,72 +480,98 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         + init_message
     )
     progress = metrics_lib.Progress(total_steps, step, config.data.batch_size)
-    window, window_steps, results, first_step = None, 0, None, step
+    guard = NonFiniteGuard(config.optim.skip_nonfinite, config.optim.max_skipped, checkpointer)
+    pending, window, results, first_step = [], [], None, step
     compile_seconds, train_start = None, time.perf_counter()
-    # The next batches are made and copied to the device in a thread while the step runs.
-    batches = pipeline.Prefetch(train_iter, lambda batch: device_batch(batch, mesh))
-    try:
-        while step < total_steps:
-            batch = next(batches)
-            if compile_seconds is None:  # compile ahead of time once, to report how long it took
-                start = time.perf_counter()
-                train_step = train_step.lower(state, batch, step_rng).compile()
-                compile_seconds = time.perf_counter() - start
-            state, step_metrics = train_step(state, batch, step_rng)
-            step += 1
-            window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
-            window_steps += 1
-            if step % log_every == 0 or step == total_steps:
-                scalars = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-                writer.write(step, "train", scalars)
-                progress.update(step, scalars)
-                window, window_steps = None, 0
-            if evals and (step % eval_every == 0 or step == total_steps):
-                results = run_eval(step)
-                progress.write(f"step {step}: eval {format_metrics(results)}")
-            if step % config.checkpoint.every_steps == 0 or step == total_steps:
-                checkpointer.save(step, state, batches, config)
-        progress.close()
-    finally:
-        batches.close()  # stops the thread and grain's worker processes, if any
-    train_seconds = time.perf_counter() - train_start
+    # From here on SIGTERM/SIGINT stop the run with a checkpoint (zoo/training/preemption.py);
+    # after the loop they only let it finish.
+    with StopSignals(jax.process_count()) as stop:
+        # The next batches are made and copied to the device in a thread while the step runs.
+        batches = pipeline.Prefetch(train_iter, lambda batch: device_batch(batch, mesh))
+        try:
+            while step < total_steps:
+                batch = next(batches)
+                if compile_seconds is None:  # compile ahead of time once, to time it
+                    start = time.perf_counter()
+                    train_step = train_step.lower(state, batch, step_rng).compile()
+                    compile_seconds = time.perf_counter() - start
+                state, step_metrics = train_step(state, batch, step_rng)
+                step += 1
+                pending.append(step_metrics)  # read on the host only when needed below
+                log = step % log_every == 0 or step == total_steps
+                evaluate = evals and (step % eval_every == 0 or step == total_steps)
+                save = step % config.checkpoint.every_steps == 0 or step == total_steps
+                stopping = stop.requested(step)
+                if log or evaluate or save or stopping:
+                    values = jax.device_get(pending)
+                    guard.check(step - len(values) + 1, values)  # before anything is saved
+                    window, pending = window + values, []
+                if log:
+                    scalars = guard.window_means(window)
+                    writer.write(step, "train", scalars)
+                    progress.update(step, scalars)
+                    window = []
+                if evaluate and not stopping:
+                    results = run_eval(step)
+                    progress.write(f"step {step}: eval {format_metrics(results)}")
+                if save or stopping:
+                    checkpointer.save(step, state, batches, config)
+                if stopping:
+                    break
+        finally:
+            progress.close()
+            batches.close()  # stops the thread and grain's worker processes, if any
+            checkpointer.wait()  # a failed run still completes its last good checkpoint
+        train_seconds = time.perf_counter() - train_start
+        if stop.received:
+            checkpointer.close()
+            writer.close()
+            print(
+                f"zoo: stopped by {stop.received} at step {step} of {total_steps}; checkpoint "
+                f"saved in {checkpointer.directory / str(step)}. Run the same command again to "
+                "resume."
+            )
+            return {}
 
-    if results is None and evals:  # resumed at the end: evaluate the restored state
-        results = run_eval(step)
-    results = results or {}
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.jsonl), workdir / "curves.png")
-    if "confusion" in results:  # multiclass and binary
-        metrics_lib.plot_confusion_matrix(
-            results["confusion"],
-            spec.names(config.data),
-            workdir / "confusion_matrix.png",
-            title=f"{config.model.name} on {spec.name}: accuracy {results['accuracy']:.2%}",
-        )
-    summary = {
-        "step": step,
-        **{f"eval_{k}": v for k, v in results.items() if k != "confusion"},
-        "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1),
-        "compile_seconds": round(compile_seconds, 1) if compile_seconds else None,
-        # Steps of this invocation, excluding compilation and evaluation.
-        "train_images_per_second": round(
-            (step - first_step)
-            * config.data.batch_size
-            / max(train_seconds - eval_seconds - (compile_seconds or 0.0), 1e-9),
-            1,
-        ),
-        "freed_memory_kept": backend.freed_memory_kept,  # zoo's allocator settings in effect
-    }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if results:
-        print(
-            f"final eval on {results['count']} images: {format_metrics(results)} "
-            f"({method.name}, {spec.task}); outputs in {workdir}"
-        )
-    else:
-        print(f"done at step {step} (evals.names is empty); outputs in {workdir}")
-    logging.info("summary: %s", summary)
-    return results
+        if results is None and evals:  # resumed at the end: evaluate the restored state
+            results = run_eval(step)
+        results = results or {}
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.jsonl), workdir / "curves.png")
+        if "confusion" in results:  # multiclass and binary
+            metrics_lib.plot_confusion_matrix(
+                results["confusion"],
+                spec.names(config.data),
+                workdir / "confusion_matrix.png",
+                title=f"{config.model.name} on {spec.name}: accuracy {results['accuracy']:.2%}",
+            )
+        summary = {
+            "step": step,
+            **{f"eval_{k}": v for k, v in results.items() if k != "confusion"},
+            "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(eval_seconds, 1),
+            "compile_seconds": round(compile_seconds, 1) if compile_seconds else None,
+            # Steps of this invocation, excluding compilation and evaluation.
+            "train_images_per_second": round(
+                (step - first_step)
+                * config.data.batch_size
+                / max(train_seconds - eval_seconds - (compile_seconds or 0.0), 1e-9),
+                1,
+            ),
+            "freed_memory_kept": backend.freed_memory_kept,  # zoo's allocator settings in effect
+            "skipped_nonfinite_updates": guard.total,  # this invocation's (optim.skip_nonfinite)
+        }
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if results:
+            print(
+                f"final eval on {results['count']} images: {format_metrics(results)} "
+                f"({method.name}, {spec.task}); outputs in {workdir}"
+            )
+        else:
+            print(f"done at step {step} (evals.names is empty); outputs in {workdir}")
+        if guard.total:
+            print(f"skipped {guard.total} update(s) with a non-finite loss or gradient")
+        logging.info("summary: %s", summary)
+        return results

@@ -27,6 +27,7 @@ and composes with the schedule and `freeze_backbone`.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
@@ -35,6 +36,22 @@ import jax.numpy as jnp
 import optax
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
+OPTIMIZERS = ("sgd", "adamw", "lars")
+SCHEDULES = ("cosine", "constant")
+
+
+def check_name(key: str, name: str, known: tuple[str, ...]) -> None:
+    """ValueError for a `name` of config `key` that is not one of `known`, with close matches."""
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=2, cutoff=0.4)
+        hint = f"; did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"{key} must be one of {', '.join(known)}, got '{name}'{hint}")
+
+
+def check_not_negative(key: str, value: float, note: str = "") -> None:
+    """ValueError unless `value` is a finite number >= 0 (NaN and inf included)."""
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{key} must be a finite number >= 0, got {value}{note}")
 
 
 def decay_mask(params: Any) -> Any:
@@ -48,6 +65,9 @@ def decay_mask(params: Any) -> Any:
 
 
 def build_schedule(cfg: Any, peak_lr: float, total_steps: int, steps_per_epoch: int):
+    check_name("schedule.name", cfg.name, SCHEDULES)
+    check_not_negative("schedule.warmup_steps", cfg.warmup_steps)
+    check_not_negative("schedule.warmup_epochs", cfg.warmup_epochs)
     warmup = int(cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, max(total_steps - 1, 0))
     if cfg.name == "cosine":
@@ -198,9 +218,14 @@ def build_optimizer(
       batch_size: the global batch, for `optim.lr_base_batch`.
 
     Raises:
-      ValueError: for an unknown optimizer, `freeze_backbone` without `head`, or
-        `optim.layer_decay` outside (0, 1].
+      ValueError: for an unknown optimizer or schedule (with close matches), a negative
+        learning rate, weight decay, clipping norm or warmup, `freeze_backbone` without
+        `head`, or `optim.layer_decay` outside (0, 1].
     """
+    check_name("optim.name", optim.name, OPTIMIZERS)
+    check_not_negative("optim.lr", optim.lr, " (the peak learning rate, e.g. 0.1 for SGD)")
+    check_not_negative("optim.weight_decay", optim.weight_decay)
+    check_not_negative("optim.grad_clip_norm", optim.grad_clip_norm, " (0 = no clipping)")
     peak = peak_learning_rate(optim, batch_size)
     schedule = build_schedule(schedule_cfg, peak, total_steps, steps_per_epoch)
     weight_decay = weight_decay_schedule(optim, total_steps)

@@ -15,6 +15,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -30,9 +31,23 @@ def cross_replica_mean(tree: Any, axis_name: str | None) -> Any:
 
 
 def train_step(
-    state: TrainState, batch, rng, *, method, tx, augment, schedule, axis_name: str | None = None
+    state: TrainState,
+    batch,
+    rng,
+    *,
+    method,
+    tx,
+    augment,
+    schedule,
+    skip_nonfinite: bool = False,
+    axis_name: str | None = None,
 ):
-    """One optimizer update. Returns (new_state, metrics) with scalar metrics."""
+    """One optimizer update. Returns (new_state, metrics) with scalar metrics.
+
+    `metrics["nonfinite"]` is 1.0 when the loss or the gradient norm is NaN or infinite (the
+    loop stops the run there, zoo/training/loop.py); with `skip_nonfinite` such a step leaves
+    params, optimizer state, model state and extra as they were (only `step` advances).
+    """
     rng = jax.random.fold_in(rng, state.step)  # never stored: the step makes it unique
     augment_rng, loss_rng = jax.random.split(rng)
     batch = augment(batch, augment_rng)
@@ -49,11 +64,19 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extra = method.update_extra(state.extra, params, aux, state.step)  # e.g. the EMA teacher
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = (params, model_state, opt_state, extra)
+    if skip_nonfinite:
+        old = (state.params, state.model_state, state.opt_state, state.extra)
+        updated = jax.tree.map(lambda new, kept: jnp.where(finite, new, kept), updated, old)
+    params, model_state, opt_state, extra = updated
     metrics = {
         **metrics,
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": grad_norm,
         "lr": schedule(state.step),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
     }
     new_state = state.replace(
         step=state.step + 1,
