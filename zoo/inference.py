@@ -44,7 +44,6 @@ from zoo import backend
 from zoo.data.class_names import load_class_names
 from zoo.data.decode import ImageDecodeError, _to_rgb, check_size, decode_file
 from zoo.data.transforms import build_ops, resize_center_crop
-from zoo.methods.supervised import is_positive
 from zoo.models.catalog import PretrainedConfig, config_overrides, create_model, model_entry
 from zoo.models.pretrained import load_pretrained
 from zoo.training.checkpoint import latest_checkpoint
@@ -190,6 +189,8 @@ def decide(
     (`zoo.methods.supervised.is_positive`)."""
     if task == "multiclass":
         return [[class_names[int(i)]] for i in np.argmax(probabilities, axis=-1)]
+    from zoo.methods.supervised import is_positive  # not at import: zoo.methods pulls in optax
+
     positive = is_positive(np.asarray(probabilities, np.float32), threshold)
     if task == "binary":
         return [[class_names[1] if p[1] else class_names[0]] for p in positive]

@@ -175,9 +175,14 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
     return variables.pop("params"), variables, reinit + zero_filled
 
 
+def is_nonfinite(metrics: dict[str, Any]) -> bool:
+    """Whether a step's loss or gradient norm (host values) is NaN or infinite."""
+    return not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
+
+
 class NonFiniteGuard:
-    """Checks each step's `nonfinite` flag (the train step's metrics, read on the host at
-    logging, evaluation and checkpoint steps, before any checkpoint is written).
+    """Checks each step's loss and gradient norm (the train step's metrics, read on the host
+    at logging, evaluation and checkpoint steps, before any checkpoint is written).
 
     By default the first non-finite step stops the run (`RunFailed`: the step, the loss and
     gradient norm, the last checkpoint, which is intact); with `optim.skip_nonfinite` the step
@@ -191,7 +196,7 @@ class NonFiniteGuard:
     def check(self, first_step: int, values: list[dict[str, Any]]) -> None:
         """`values`: the host metrics of steps first_step, first_step + 1, ..."""
         for step, metrics in enumerate(values, start=first_step):
-            if not metrics["nonfinite"]:
+            if not is_nonfinite(metrics):
                 self.in_row = 0
                 continue
             self.total, self.in_row = self.total + 1, self.in_row + 1
@@ -223,9 +228,9 @@ class NonFiniteGuard:
     def window_means(self, window: list[dict[str, Any]]) -> dict[str, float]:
         """Mean of each train metric over the window's steps that were not skipped (all of
         them when every one was), plus `nonfinite`: the fraction skipped."""
-        kept = [m for m in window if not m["nonfinite"]] or window
+        kept = [m for m in window if not is_nonfinite(m)] or window
         means = {k: float(np.mean([m[k] for m in kept])) for k in window[0]}
-        means["nonfinite"] = float(np.mean([m["nonfinite"] for m in window]))
+        means["nonfinite"] = float(np.mean([is_nonfinite(m) for m in window]))
         return means
 
 
