@@ -24,7 +24,7 @@ import pytest
 from zoo.inference import decide
 from zoo.methods.supervised import supervised
 from zoo.training.checkpoint import Checkpointer, CheckpointError
-from zoo.training.evaluate import metrics_from_totals
+from zoo.training.evaluate import metrics_from_totals, ranking_scores
 from zoo.training.state import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,8 +40,7 @@ def eval_totals(task, logits, labels, threshold=0.5):
     per_example = sums.pop("per_example", None)
     if per_example is None:
         return sums, None, None
-    worst = np.where(per_example["label"] > 0.5, -1.0, 2.0)  # as evaluate() ranks them
-    return sums, np.where(per_example["finite"], per_example["score"], worst), per_example["label"]
+    return sums, ranking_scores(per_example), per_example["label"]
 
 
 @pytest.mark.parametrize("bad", BAD)

@@ -88,6 +88,13 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.sum(recall_steps * precision))
 
 
+def ranking_scores(per_example: dict[str, np.ndarray]) -> np.ndarray:
+    """The eval step's per-example sigmoid scores for ROC-AUC/AP, where a non-finite logit
+    ranks as wrong as possible: a positive's lowest (-1), a negative's highest (2)."""
+    worst = np.where(per_example["label"] > 0.5, -1.0, 2.0)
+    return np.where(per_example["finite"], per_example["score"], worst)
+
+
 def f1_score(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """F1 = 2 tp / (2 tp + fp + fn) from counts (0 where there is nothing to find or find)."""
     tp, fp, fn = (np.asarray(x, np.float64) for x in (tp, fp, fn))
@@ -149,11 +156,9 @@ def evaluate(
         if per_example is not None:  # one host copy per batch: only for ranking metrics
             per_example = jax.device_get(per_example)
             keep = per_example["mask"] > 0
-            score, label = per_example["score"][keep], per_example["label"][keep]
-            # A non-finite logit ranks as wrong as possible: positives lowest, negatives highest.
-            worst = np.where(label > 0.5, -1.0, 2.0)
-            scores.append(np.where(per_example["finite"][keep], score, worst))
-            labels.append(label)
+            per_example = {k: v[keep] for k, v in per_example.items()}
+            scores.append(ranking_scores(per_example))
+            labels.append(per_example["label"])
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     if totals is None:
         raise ValueError("the eval split is empty")
