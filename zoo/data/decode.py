@@ -31,7 +31,7 @@ from PIL import Image, ImageFile, ImageOps
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # A 1x20000 PNG is 20,000 pixels, far below the bomb limit, yet resizing its short side to
-# 256 (ImageNet eval preprocessing) makes a 256x5,120,000 image: 13 GB and half a minute. No
+# 256 (ImageNet eval preprocessing) makes a 256x5,120,000 image, gigabytes of memory. No
 # photo is 100 times longer than wide, so such a file is refused like a bomb.
 MAX_ASPECT_RATIO = 100
 

@@ -47,7 +47,7 @@ def train_step(
     A NaN or infinite loss or gradient norm in the metrics stops the run (the loop checks them
     on the host, zoo/training/loop.py); with `skip_nonfinite` such a step leaves params,
     optimizer state, model state and extra as they were (only `step` advances). Without it
-    the program is the plain step: a flag computed in it cost resnet20@32 3-9% (SPEED.md).
+    the program is the plain step: a flag computed in it slowed small models (SPEED.md).
     """
     rng = jax.random.fold_in(rng, state.step)  # never stored: the step makes it unique
     augment_rng, loss_rng = jax.random.split(rng)
