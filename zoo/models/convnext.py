@@ -30,7 +30,7 @@ import numpy as np
 
 from zoo.models.catalog import PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import DropPath, LayerNorm, LayerScale, Mlp, global_avg_pool
+from zoo.models.layers import Dropout, DropPath, LayerNorm, LayerScale, Mlp, global_avg_pool
 from zoo.models.pretrained import torch_to_flax
 
 # timm initialises every conv and linear weight with trunc_normal(std=0.02), biases with 0.
@@ -46,6 +46,7 @@ class ConvNeXtBlock(nn.Module):
     ls_init_value: float | None = 1e-6
     drop_path_rate: float = 0.0
     norm: Any = nn.LayerNorm
+    axis_name: str | None = None  # the pmap axis of the batch: per-example drop-path masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -63,12 +64,16 @@ class ConvNeXtBlock(nn.Module):
             **kw,
         )(x)
         y = self.norm(name="norm")(y)
-        y = Mlp(int(self.mlp_ratio * self.features), kernel_init=weight_init, name="mlp", **kw)(
-            y, train=train
-        )
+        y = Mlp(
+            int(self.mlp_ratio * self.features),
+            kernel_init=weight_init,
+            axis_name=self.axis_name,
+            name="mlp",
+            **kw,
+        )(y, train=train)
         if self.ls_init_value is not None:
             y = LayerScale(self.ls_init_value, param_dtype=self.param_dtype, name="ls")(y)
-        return x + DropPath(self.drop_path_rate)(y, train=train)
+        return x + DropPath(self.drop_path_rate, self.axis_name)(y, train=train)
 
 
 class ConvNeXtStage(nn.Module):
@@ -81,6 +86,7 @@ class ConvNeXtStage(nn.Module):
     ls_init_value: float | None = 1e-6
     drop_path_rates: Sequence[float] = ()
     norm: Any = nn.LayerNorm
+    axis_name: str | None = None  # the pmap axis of the batch: per-example drop-path masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -106,6 +112,7 @@ class ConvNeXtStage(nn.Module):
                 ls_init_value=self.ls_init_value,
                 drop_path_rate=rates[j],
                 norm=self.norm,
+                axis_name=self.axis_name,
                 name=f"blocks_{j}",
                 **kw,
             )(x, train=train)
@@ -126,6 +133,8 @@ class ConvNeXt(nn.Module):
       drop_rate: dropout before the classifier.
       head_init_scale: scales the initial classifier weights (the paper uses 0.001 to fine-tune).
       norm_epsilon: LayerNorm epsilon (timm: 1e-6).
+      axis_name: the `pmap` axis the batch is split over, so that stochastic depth and
+        dropout draw each example's mask from its global index; None under `jit`.
     """
 
     depths: Sequence[int] = (3, 3, 9, 3)
@@ -138,6 +147,7 @@ class ConvNeXt(nn.Module):
     drop_rate: float = 0.0
     head_init_scale: float = 1.0
     norm_epsilon: float = 1e-6
+    axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -183,6 +193,7 @@ class ConvNeXt(nn.Module):
                 ls_init_value=self.ls_init_value,
                 drop_path_rates=tuple(rates),
                 norm=norm,
+                axis_name=self.axis_name,
                 name=f"stages_{i}",
                 **kw,
             )(x, train=train)
@@ -191,7 +202,7 @@ class ConvNeXt(nn.Module):
         x = norm(name="head_norm")(global_avg_pool(x))  # [B, C]
         if self.num_classes == 0:
             return x.astype(jnp.float32)
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = Dropout(self.drop_rate, self.axis_name)(x, train=train)
         head_init = nn.initializers.truncated_normal(0.02 * self.head_init_scale)
         x = nn.Dense(self.num_classes, kernel_init=head_init, name="head_fc", **kw)(x)
         return x.astype(jnp.float32)

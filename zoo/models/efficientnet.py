@@ -33,7 +33,7 @@ import numpy as np
 
 from zoo.models.catalog import INCEPTION_MEAN, INCEPTION_STD, PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import BatchNorm, DropPath, SqueezeExcite, global_avg_pool
+from zoo.models.layers import BatchNorm, Dropout, DropPath, SqueezeExcite, global_avg_pool
 from zoo.models.pretrained import torch_to_flax
 
 # EfficientNet-B0 (the paper's table 1), one row per stage:
@@ -87,6 +87,7 @@ class DepthwiseSeparable(nn.Module):
     conv: Any
     norm: Any
     act: Any
+    axis_name: str | None = None  # the pmap axis of the batch: per-example drop-path masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -99,7 +100,7 @@ class DepthwiseSeparable(nn.Module):
             y = squeeze_excite(self, s.se_features)(y)
         y = self.conv(s.out_features, 1, name="conv_pw")(y)
         y = self.norm(name="bn2")(y)
-        return residual(s, x, y, train)
+        return residual(s, x, y, train, self.axis_name)
 
 
 class InvertedResidual(nn.Module):
@@ -110,6 +111,7 @@ class InvertedResidual(nn.Module):
     conv: Any
     norm: Any
     act: Any
+    axis_name: str | None = None  # the pmap axis of the batch: per-example drop-path masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -124,7 +126,7 @@ class InvertedResidual(nn.Module):
             y = squeeze_excite(self, s.se_features)(y)
         y = self.conv(s.out_features, 1, name="conv_pwl")(y)
         y = self.norm(name="bn3")(y)
-        return residual(s, x, y, train)
+        return residual(s, x, y, train, self.axis_name)
 
 
 def squeeze_excite(block: nn.Module, reduced: int) -> SqueezeExcite:
@@ -138,9 +140,11 @@ def squeeze_excite(block: nn.Module, reduced: int) -> SqueezeExcite:
     )
 
 
-def residual(spec: BlockSpec, x: jax.Array, y: jax.Array, train: bool) -> jax.Array:
+def residual(
+    spec: BlockSpec, x: jax.Array, y: jax.Array, train: bool, axis_name: str | None
+) -> jax.Array:
     if spec.stride == 1 and spec.in_features == spec.out_features:
-        return x + DropPath(spec.drop_path_rate)(y, train=train)  # "drop-connect"
+        return x + DropPath(spec.drop_path_rate, axis_name)(y, train=train)  # "drop-connect"
     return y
 
 
@@ -159,7 +163,9 @@ class EfficientNet(nn.Module):
       drop_rate: dropout before the classifier (the paper: 0.2 for B0 ... 0.5 for B7).
       drop_path_rate: drop-connect, increased linearly over blocks (the paper: 0.2).
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon.
-      axis_name: mesh axis for cross-device BatchNorm statistics under `pmap`.
+      axis_name: the `pmap` axis the batch is split over: BatchNorm statistics over the global
+        batch, dropout and drop-connect masks keyed by the global example index; None under
+        `jit`, where arrays are global already.
     """
 
     width_multiplier: float = 1.0
@@ -248,14 +254,13 @@ class EfficientNet(nn.Module):
         x = act(norm(name="bn1")(conv(stem, 3, 2, name="conv_stem")(x)))  # [B, H/2, W/2, C]
         for spec in self.block_specs():
             block = DepthwiseSeparable if spec.kind == "ds" else InvertedResidual
-            x = block(spec, conv, norm, act, name=f"blocks_{spec.stage}_{spec.index}", **kw)(
-                x, train=train
-            )
+            name = f"blocks_{spec.stage}_{spec.index}"
+            x = block(spec, conv, norm, act, self.axis_name, name=name, **kw)(x, train=train)
         x = act(norm(name="bn2")(conv(head, 1, name="conv_head")(x)))
         x = global_avg_pool(x)  # [B, C]
         if self.num_classes == 0:
             return x.astype(jnp.float32)
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = Dropout(self.drop_rate, self.axis_name)(x, train=train)
         # timm: uniform(+-1/sqrt(fan_out)) for the classifier.
         dense_init = nn.initializers.variance_scaling(1 / 3, "fan_out", "uniform")
         x = nn.Dense(self.num_classes, kernel_init=dense_init, name="classifier", **kw)(x)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from zoo import backend
+from zoo import backend, parallel
 from zoo.models.conv import Conv, dense_dot_general, gradient_computed_once, shifted_windows
 
 MATERIALIZE_BLOCK_GRADIENTS = True  # False (before tracing): `block_input` is a plain identity
@@ -42,14 +42,58 @@ def block_input(x: jax.Array) -> jax.Array:
     return gradient_computed_once(x)
 
 
+def per_example_mask(
+    rng: jax.Array, keep: float, shape: tuple[int, ...], axis_name: str | None
+) -> jax.Array:
+    """Bernoulli(keep) mask of `shape` whose row i (axis 0) is drawn from its own key,
+    `fold_in(rng, global index of row i)` (`zoo.parallel.example_keys`): under `pmap` each
+    device draws the rows of its slice of the global batch, so jit, pmap and one device mask
+    an example alike. Axis 0 is the batch, or each example's rows in order, the same number
+    for every example (Swin's windows, [B * windows, ...]): a row's global index is then the
+    same either way too."""
+    keys = parallel.example_keys(rng, shape[0], axis_name)
+    return jax.vmap(lambda key: jax.random.bernoulli(key, keep, shape[1:]))(keys)
+
+
+class Dropout(nn.Module):
+    """Dropout (Srivastava et al. 2014) with a mask drawn per example (`per_example_mask`),
+    so that it does not depend on how the batch is split over devices. Kept values are
+    scaled by 1 / (1 - rate). Uses the 'dropout' rng stream.
+
+    Attributes:
+      rate: probability of zeroing a value.
+      axis_name: the `pmap` axis the batch is split over (the global example index keys the
+        mask); None under `jit` or on one device, where arrays hold the whole batch.
+    """
+
+    rate: float = 0.0
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        if self.rate >= 1.0:
+            return jnp.zeros_like(x)
+        keep = 1.0 - self.rate
+        mask = per_example_mask(self.make_rng("dropout"), keep, x.shape, self.axis_name)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al. 2016): drops the whole residual branch per example.
 
     Kept examples are scaled by 1 / (1 - rate) so the expectation is unchanged. Uses the
-    'dropout' rng stream.
+    'dropout' rng stream, one key per example (`per_example_mask`).
+
+    Attributes:
+      rate: probability of dropping an example's branch.
+      axis_name: the `pmap` axis the batch is split over (the global example index keys the
+        mask); None under `jit` or on one device.
     """
 
     rate: float = 0.0
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -57,7 +101,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.rate
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        mask = per_example_mask(self.make_rng("dropout"), keep, shape, self.axis_name)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -289,7 +333,8 @@ class Mlp(nn.Module):
     """Two dense layers with an activation between them (the transformer/ConvNeXt MLP).
 
     Submodules `fc1`/`fc2` are named after timm's `Mlp`. Acts on the last axis, so it serves
-    tokens [B, N, C] and channels-last feature maps [B, H, W, C] alike.
+    tokens [B, N, C] and channels-last feature maps [B, H, W, C] alike. `axis_name`: the
+    `pmap` axis of the batch, for per-example dropout masks (`Dropout`).
     """
 
     hidden_features: int
@@ -297,6 +342,7 @@ class Mlp(nn.Module):
     act: Callable[[jax.Array], jax.Array] = gelu_exact
     drop_rate: float = 0.0
     kernel_init: Callable = nn.initializers.truncated_normal(0.02)
+    axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -306,9 +352,9 @@ class Mlp(nn.Module):
         out_features = self.out_features or x.shape[-1]
         kw["dot_general"] = dense_dot_general  # the kernel gradient through YNNPACK (conv.matmul)
         x = self.act(nn.Dense(self.hidden_features, name="fc1", **kw)(x))
-        x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        x = Dropout(self.drop_rate, self.axis_name)(x, train=train)
         x = nn.Dense(out_features, name="fc2", **kw)(x)
-        return nn.Dropout(self.drop_rate)(x, deterministic=not train)
+        return Dropout(self.drop_rate, self.axis_name)(x, train=train)
 
 
 class LayerScale(nn.Module):
@@ -563,7 +609,8 @@ class Attention(nn.Module):
     the attention logits, computed with the softmax in float32. With `rel_pos_window` = W > 0
     the tokens are a w x w window (w <= W) and a learned relative position bias is added
     (Swin, Liu et al. 2021): `relative_position_bias_table` [(2W-1)^2, heads], indexed by the
-    offset between two tokens; a smaller window uses the table's centre.
+    offset between two tokens; a smaller window uses the table's centre. `axis_name`: the
+    `pmap` axis of the batch, for per-example dropout masks (`Dropout`).
     """
 
     num_heads: int
@@ -571,6 +618,7 @@ class Attention(nn.Module):
     attn_dropout_rate: float = 0.0
     proj_dropout_rate: float = 0.0
     rel_pos_window: int = 0
+    axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -619,14 +667,14 @@ class Attention(nn.Module):
         scale = head_dim**-0.5
         if train and self.attn_dropout_rate > 0:
             weights = attention_weights(qkv[0] * scale, qkv[1], biases).astype(self.dtype)
-            weights = nn.Dropout(self.attn_dropout_rate, deterministic=False)(weights)
+            weights = Dropout(self.attn_dropout_rate, self.axis_name)(weights, train=True)
             out = jnp.einsum("bhqk,bhkd->bhqd", weights, qkv[2])
         else:
             out = qkv_attention(qkv, scale, tuple(biases))
         out = _HeadsDense(dim, "bhnd,hdc->bnc", (heads, head_dim, dim), (dim,), name="proj", **kw)(
             out
         )
-        return nn.Dropout(self.proj_dropout_rate, deterministic=not train)(out)
+        return Dropout(self.proj_dropout_rate, self.axis_name)(out, train=train)
 
 
 def check_patch_size(patch_size: int, height: int, width: int) -> None:

@@ -78,6 +78,7 @@ class BasicBlock(nn.Module):
     drop_path_rate: float = 0.0
     zero_init_last: bool = True
     norm: Any = BatchNorm
+    axis_name: str | None = None  # the pmap axis of the batch: per-example drop-path masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     expansion = 1
@@ -90,7 +91,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm(name="bn1")(y))
         y = conv(self.features, 3, name="conv2", **kw)(y)
         y = self.norm(name="bn2", scale_init=last_scale)(y)
-        y = DropPath(self.drop_path_rate)(y, train=train)
+        y = DropPath(self.drop_path_rate, self.axis_name)(y, train=train)
         return block_output(nn.relu(y + residual_shortcut(self, x, self.features)))
 
 
@@ -105,6 +106,7 @@ class Bottleneck(nn.Module):
     drop_path_rate: float = 0.0
     zero_init_last: bool = True
     norm: Any = BatchNorm
+    axis_name: str | None = None  # the pmap axis of the batch: per-example drop-path masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     expansion = 4
@@ -120,7 +122,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(self.norm(name="bn2")(y))
         y = conv(self.features * 4, 1, name="conv3", **kw)(y)
         y = self.norm(name="bn3", scale_init=last_scale)(y)
-        y = DropPath(self.drop_path_rate)(y, train=train)
+        y = DropPath(self.drop_path_rate, self.axis_name)(y, train=train)
         return block_output(nn.relu(y + residual_shortcut(self, x, self.features * 4)))
 
 
@@ -166,8 +168,9 @@ class ResNet(nn.Module):
       drop_path_rate: stochastic depth, increased linearly over blocks up to this rate.
       zero_init_last: zero-init the last BN scale in each block (Goyal et al. 2017).
       bn_momentum, bn_epsilon: BatchNorm running-average decay (torch's 0.1 = 0.9 here).
-      axis_name: mesh axis for cross-device BatchNorm statistics under `pmap`; None under
-        `jit` where arrays are global and the statistics are over the global batch already.
+      axis_name: the `pmap` axis the batch is split over: BatchNorm statistics over the global
+        batch, stochastic depth masks keyed by the global example index; None under `jit`,
+        where arrays are global already.
     """
 
     stage_sizes: Sequence[int]
@@ -231,6 +234,7 @@ class ResNet(nn.Module):
                     drop_path_rate=rate,
                     zero_init_last=self.zero_init_last,
                     norm=norm,
+                    axis_name=self.axis_name,
                     name=f"layer{i + 1}_{j}",
                     **kw,
                 )

@@ -98,6 +98,7 @@ class SwinBlock(nn.Module):
     dropout_rate: float = 0.0
     attn_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
+    axis_name: str | None = None  # the pmap axis of the batch: per-example dropout masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -127,6 +128,7 @@ class SwinBlock(nn.Module):
             self.attn_dropout_rate,
             self.dropout_rate,
             rel_pos_window=self.table_window,
+            axis_name=self.axis_name,  # windows are example-major: [B * nW, N, C]
             name="attn",
             **kw,
         )(windows, mask, window=window, train=train)
@@ -135,16 +137,17 @@ class SwinBlock(nn.Module):
         y = window_reverse(windows, window, padded_h, padded_w)[:, :height, :width]
         if any(shift):
             y = jnp.roll(y, shift, axis=(1, 2))
-        x = x + DropPath(self.drop_path_rate)(y, train=train)
+        x = x + DropPath(self.drop_path_rate, self.axis_name)(y, train=train)
         mlp = Mlp(
             int(channels * self.mlp_ratio),
             drop_rate=self.dropout_rate,
             kernel_init=dense_init,
+            axis_name=self.axis_name,
             name="mlp",
             **kw,
         )
         y = mlp(layer_norm(1e-5, name="norm2", **kw)(x), train=train)
-        return x + DropPath(self.drop_path_rate)(y, train=train)
+        return x + DropPath(self.drop_path_rate, self.axis_name)(y, train=train)
 
 
 class PatchMerging(nn.Module):
@@ -185,7 +188,11 @@ class SwinTransformer(nn.Module):
       patch_size, embed_dim: patch embedding; stage i has embed_dim * 2**i channels.
       depths, num_heads: blocks and attention heads per stage.
       window_size: attention window side (and relative position table layout).
+      dropout_rate, attn_dropout_rate: dropout in the MLPs and attention projections, and on
+        the attention weights.
       drop_path_rate: stochastic depth, increased linearly over all blocks (timm's 0.1).
+      axis_name: the `pmap` axis the batch is split over, so that dropout and stochastic
+        depth draw each example's mask from its global index; None under `jit`.
     """
 
     num_classes: int = 1000
@@ -200,6 +207,7 @@ class SwinTransformer(nn.Module):
     dropout_rate: float = 0.0
     attn_dropout_rate: float = 0.0
     drop_path_rate: float = 0.1
+    axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -242,6 +250,7 @@ class SwinTransformer(nn.Module):
                     self.dropout_rate,
                     self.attn_dropout_rate,
                     drop_path_rate=self.drop_path_rate * index / max(total - 1, 1),
+                    axis_name=self.axis_name,
                     name=f"layers_{i}_blocks_{j}",
                     **kw,
                 )(x, train=train)

@@ -38,6 +38,7 @@ from zoo.models.catalog import (
 )
 from zoo.models.layers import (
     Attention,
+    Dropout,
     DropPath,
     LayerScale,
     Mlp,
@@ -82,6 +83,7 @@ class Block(nn.Module):
     dropout_rate: float = 0.0
     attn_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
+    axis_name: str | None = None  # the pmap axis of the batch: per-example dropout masks
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -100,19 +102,21 @@ class Block(nn.Module):
             self.qkv_bias,
             self.attn_dropout_rate,
             self.dropout_rate,
+            axis_name=self.axis_name,
             name="attn",
             **kw,
         )(norm(name="norm1")(x), train=train)
-        x = x + DropPath(self.drop_path_rate)(scale("ls1")(y), train=train)
+        x = x + DropPath(self.drop_path_rate, self.axis_name)(scale("ls1")(y), train=train)
         mlp = Mlp(
             int(x.shape[-1] * self.mlp_ratio),
             drop_rate=self.dropout_rate,
             kernel_init=dense_init,
+            axis_name=self.axis_name,
             name="mlp",
             **kw,
         )
         y = mlp(norm(name="norm2")(x), train=train)
-        return x + DropPath(self.drop_path_rate)(scale("ls2")(y), train=train)
+        return x + DropPath(self.drop_path_rate, self.axis_name)(scale("ls2")(y), train=train)
 
 
 class VisionTransformer(nn.Module):
@@ -137,6 +141,8 @@ class VisionTransformer(nn.Module):
       dropout_rate: dropout after the position embedding, in attention projections and MLPs.
       attn_dropout_rate: dropout on attention weights.
       drop_path_rate: stochastic depth, increased linearly over blocks up to this rate.
+      axis_name: the `pmap` axis the batch is split over, so that dropout and stochastic
+        depth draw each example's mask from its global index; None under `jit`.
     """
 
     num_classes: int = 1000
@@ -157,6 +163,7 @@ class VisionTransformer(nn.Module):
     dropout_rate: float = 0.0
     attn_dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
+    axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -209,7 +216,7 @@ class VisionTransformer(nn.Module):
         elif self.pos_embed == "sincos":  # no embedding for the prefix tokens (as in MAE)
             pos = sincos_pos_embed((height, width), dim).astype(self.dtype)
             x = x.at[:, self.num_prefix_tokens :].add(pos)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Dropout(self.dropout_rate, self.axis_name)(x, train=train)
 
         for i in range(self.depth):
             x = Block(
@@ -220,6 +227,7 @@ class VisionTransformer(nn.Module):
                 self.dropout_rate,
                 self.attn_dropout_rate,
                 drop_path_rate=self.drop_path_rate * i / max(self.depth - 1, 1),
+                axis_name=self.axis_name,
                 name=f"blocks_{i}",
                 **kw,
             )(x, train=train)
