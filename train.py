@@ -6,8 +6,10 @@
 
 Outputs go to --workdir (default runs/<config name>); running again with the same workdir
 resumes from its latest checkpoint. SIGTERM or Ctrl-C stops after the current step with a
-checkpoint. Exit status: 0 done (or stopped with a checkpoint), 1 the run failed (diverged, no
-usable checkpoint), 2 a bad config, override or input file (found before training starts).
+checkpoint. Several processes (hosts) run the same command, with the config's `parallel` keys
+or under SLURM, Open MPI or a TPU pod slice (zoo/training/distributed.py). Exit status: 0 done
+(or stopped with a checkpoint), 1 the run failed (diverged, no usable checkpoint), 2 a bad
+config, override or input file (found before training starts).
 """
 
 import os
@@ -55,11 +57,12 @@ def choose_allocator(keep_freed_memory: bool) -> None:
 def main(argv):
     config = flags.FLAGS.config
     choose_allocator(config.keep_freed_memory)
-    from zoo.training import loop
+    from zoo.training import distributed, loop
 
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
     logging.set_verbosity(logging.WARNING)
     try:
+        distributed.initialize(config.parallel)  # before anything touches a device
         loop.run(config, flags.FLAGS.workdir or str(ROOT / "runs" / config_name))
     except (ValueError, FileNotFoundError, loop.RunFailed) as e:  # zoo's errors say the fix
         if os.environ.get("ZOO_TRACEBACK"):

@@ -197,7 +197,7 @@ def zoo_runner(case: Case, mode: str, batch: int, dtype, num_classes: int = 1000
     )
     state = jax.device_put(state, step_lib.shardings(mesh)[0])
     train_step = step_lib.compile_train_step(
-        mesh, method=method, tx=tx, augment=lambda b, r: b, schedule=schedule
+        mesh, method=method, tx=tx, augment=lambda b, r, axis_name=None: b, schedule=schedule
     )
     batch_arrays = step_lib.device_batch(data, mesh)
     start = time.perf_counter()

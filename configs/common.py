@@ -98,6 +98,11 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.grad_clip_norm = 0.0  # 0 = no clipping
+    # k > 1: each step sums the gradients of k micro-batches of data.batch_size / k (the same
+    # update as one batch, with the memory of one micro-batch; BatchNorm statistics and SimCLR's
+    # negatives are per micro-batch).
+    c.optim.grad_accum_steps = 1
+    c.optim.mu_dtype = ""  # "bfloat16": the first moment (momentum, Adam's mu) in bf16
     # A NaN/inf loss or gradient stops the run (the last checkpoint is kept intact); True skips
     # such updates instead, stopping only after more than max_skipped in a row.
     c.optim.skip_nonfinite = False
@@ -132,7 +137,14 @@ def base() -> ml_collections.ConfigDict:
     c.logging.every_steps = 20
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.mode = "jit"  # jit over a ('data',) mesh of all devices
+    # jit: one program over a ('data',) mesh of all devices (arrays are global); pmap: one
+    # program per device with explicit collectives (zoo/parallel.py). Same numbers either way.
+    c.parallel.mode = "jit"
+    # Several processes (hosts): jax.distributed.initialize with these, or with what the
+    # cluster's environment says (SLURM, Open MPI, TPU pods) when num_processes is 0.
+    c.parallel.coordinator = ""  # "host:port" of process 0
+    c.parallel.num_processes = 0
+    c.parallel.process_id = -1
     # zoo's glibc allocator settings (zoo/backend.py keep_freed_memory: one malloc arena, freed
     # memory kept for the next step). They save the page faults of large per-step temporaries
     # (224 px models train up to 1.5x faster) and cost small jobs time (the one arena). train.py

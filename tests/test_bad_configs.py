@@ -31,7 +31,7 @@ def no_compilation(monkeypatch):
         raise Compiled("compiled before the config was rejected")
 
     monkeypatch.setattr(loop, "init_state", compiled)
-    monkeypatch.setattr(loop, "compile_train_step", compiled)
+    monkeypatch.setattr(loop.Parallel, "compile_train_step", compiled)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,8 @@ BAD_CONFIGS = [
     (
         {"data.batch_size": 100},  # conftest.py: 8 CPU devices
         ValueError,
-        r"data.batch_size=100 must be divisible by the number of devices \(8\)",
+        r"data.batch_size=100 does not divide over the 8 device\(s\) \(8\): set "
+        r"data.batch_size to a multiple of 8, e.g. 96 or 104",
     ),
     ({"data.batch_size": 0}, ValueError, r"data.batch_size must be > 0 .*got 0"),
     ({"data.batch_size": -32}, ValueError, r"data.batch_size must be > 0 .*got -32"),

@@ -83,7 +83,7 @@ def test_process_shards_are_disjoint_and_cover_the_dataset():
         it = pipeline.train_iterator(
             spec, config, seed=0, process_index=process_index, process_count=4
         )
-        # One epoch of this shard: 2,500 examples = 100 batches of 25 per process.
+        # One epoch: 100 global batches of 100, 25 rows of each per process.
         images = np.concatenate([b["image"] for b in take(it, 100)])
         seen.append({image.tobytes() for image in images})
     assert sum(len(s) for s in seen) == len(set().union(*seen))  # disjoint
@@ -93,14 +93,8 @@ def test_process_shards_are_disjoint_and_cover_the_dataset():
 
 def test_epochs_are_reshuffled():
     spec = get_dataset("fashion_mnist_mini")
-    # One process of ten: its epoch is 1,000 examples, one batch.
-    it = pipeline.train_iterator(
-        spec,
-        data_config(train_ops="", batch_size=10_000),
-        seed=0,
-        process_index=0,
-        process_count=10,
-    )
+    # An epoch is 10,000 examples, one batch (of each process: the epochs are global).
+    it = pipeline.train_iterator(spec, data_config(train_ops="", batch_size=10_000), seed=0)
     first, second = take(it, 2)
     assert sorted(first["label"].tolist()) == sorted(second["label"].tolist())
     assert not np.array_equal(first["label"], second["label"])

@@ -198,3 +198,26 @@ def test_config_key_exists_and_overrides_are_checked():
     )
     assert "unknown config key 'optim.layer_dacay'" in message and "optim.layer_decay" in message
     assert isinstance(common.base().optim, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_mu_dtype_keeps_the_first_moment_in_bfloat16(name):
+    optim = common.base().optim
+    optim.name, optim.mu_dtype = name, "bfloat16"
+    tx, _ = optim_lib.build_optimizer(
+        optim, common.base().schedule, total_steps=10, steps_per_epoch=10
+    )
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    state = tx.init(params)
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(state) if x.ndim}
+    # adamw: mu bfloat16, nu float32; sgd: the momentum trace bfloat16.
+    assert dtypes == ({"bfloat16", "float32"} if name == "adamw" else {"bfloat16"})
+    updates, _ = tx.update(params, state, params)
+    assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
+
+
+def test_mu_dtype_is_refused_for_lars():
+    optim = common.base().optim
+    optim.name, optim.mu_dtype = "lars", "bfloat16"
+    with pytest.raises(ValueError, match="LARS keeps its momentum in float32"):
+        optim_lib.build_optimizer(optim, common.base().schedule, total_steps=10, steps_per_epoch=10)

@@ -290,7 +290,7 @@ def test_nonfinite_step_is_skipped_or_applied(skip):
         mesh,
         method=method,
         tx=tx,
-        augment=lambda b, r: b,
+        augment=lambda b, r, axis_name=None: b,
         schedule=lambda s: 0.1,
         skip_nonfinite=skip,
     )

@@ -52,9 +52,7 @@ class Setup:
         self.train_step = step_lib.compile_train_step(
             self.mesh, method=method, tx=tx, augment=augment, schedule=schedule
         )
-        self.eval_step = step_lib.compile_eval_step(
-            self.mesh, method=method, augment=augment, num_classes=CLASSES
-        )
+        self.eval_step = step_lib.compile_eval_step(self.mesh, method=method, augment=augment)
 
     def fresh_state(self):
         return jax.device_put(self.host_state, step_lib.shardings(self.mesh)[0])

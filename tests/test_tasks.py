@@ -22,7 +22,8 @@ from zoo.training.state import TrainState
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-NUM, CLASSES, BATCH = 203, 5, 16  # 203 examples: the last batch is padded
+# 203 examples: the last batch is padded; batches of 12 are padded again to 16 on 8 devices.
+NUM, CLASSES, BATCH = 203, 5, 12
 
 
 def reference_auc(scores, labels):
@@ -56,19 +57,32 @@ def logits_and_labels(task, seed=0):
     return logits.astype(np.float32), labels
 
 
-def evaluate_logits(task, logits, labels, devices):
+def evaluate_logits(task, logits, labels, devices, mode="jit"):
     """The eval step and `evaluate` over fixed logits (the 'model' returns its input)."""
     num_classes = 1 if task == "binary" else CLASSES
     method = supervised(create_model("resnet8", num_classes=num_classes), num_classes, task=task)
     method = dataclasses.replace(method, logits=lambda params, state, images: images)
-    mesh = step_lib.make_mesh(devices)
-    eval_step = step_lib.compile_eval_step(mesh, method=method, augment=lambda b, rng: b)
+    parallel = step_lib.Parallel(step_lib.make_mesh(devices), mode)
+    eval_step = parallel.compile_eval_step(method=method, augment=lambda b, rng: b)
     state = TrainState(step=0, params={}, model_state={}, opt_state=(), extra={})
     batches = []
     for start in range(0, NUM, BATCH):
         chunk = {"image": logits[start : start + BATCH], "label": labels[start : start + BATCH]}
         batches.append(pipeline.pad_batch(chunk, BATCH))
-    return evaluate_lib.evaluate(eval_step, state, batches, mesh, task=task)
+    state = parallel.put_state(jax.device_put(state, step_lib.shardings(parallel.mesh)[0]))
+    return evaluate_lib.evaluate(eval_step, state, batches, parallel, task=task)
+
+
+def assert_same_results(results, devices, mode, task, logits, labels):
+    """Another device count or mode gives the same metrics: counts, confusion matrix and
+    ranking metrics exactly, the summed loss to float32 round-off."""
+    other = evaluate_logits(task, logits, labels, devices, mode)
+    assert set(other) == set(results)
+    for key, value in results.items():
+        if key == "loss":
+            np.testing.assert_allclose(other[key], value, rtol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(other[key], value, err_msg=f"{mode}: {key}")
 
 
 def test_binary_metrics_match_numpy_and_eight_devices_equal_one():
@@ -92,10 +106,9 @@ def test_binary_metrics_match_numpy_and_eight_devices_equal_one():
     want_confusion = [[np.sum(~predicted & ~truth), fp], [fn, tp]]
     np.testing.assert_array_equal(results["confusion"], want_confusion)
 
-    eight = evaluate_logits("binary", logits, labels, jax.devices())
     assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
-    for key, value in results.items():
-        np.testing.assert_allclose(eight[key], value, rtol=1e-6, err_msg=key)
+    for mode in ("jit", "pmap"):
+        assert_same_results(results, jax.devices(), mode, "binary", logits, labels)
 
 
 def test_multilabel_metrics_match_numpy_and_eight_devices_equal_one():
@@ -112,9 +125,22 @@ def test_multilabel_metrics_match_numpy_and_eight_devices_equal_one():
     assert results["exact_match"] == pytest.approx(np.mean(np.all(predicted == truth, axis=1)))
     assert "confusion" not in results
 
-    eight = evaluate_logits("multilabel", logits, labels, jax.devices())
-    for key, value in results.items():
-        np.testing.assert_allclose(eight[key], value, rtol=1e-6, err_msg=key)
+    for mode in ("jit", "pmap"):
+        assert_same_results(results, jax.devices(), mode, "multilabel", logits, labels)
+
+
+def test_multiclass_metrics_match_numpy_and_pmap_equals_jit():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, CLASSES, NUM).astype(np.int32)
+    logits = (rng.normal(size=(NUM, CLASSES)) + 2 * np.eye(CLASSES)[labels]).astype(np.float32)
+    results = evaluate_logits("multiclass", logits, labels, jax.devices()[:1])
+    predicted = logits.argmax(1)
+    assert results["accuracy"] == pytest.approx(np.mean(predicted == labels))
+    want = np.zeros((CLASSES, CLASSES), np.int64)
+    np.add.at(want, (labels, predicted), 1)
+    np.testing.assert_array_equal(results["confusion"], want)
+    for mode in ("jit", "pmap"):
+        assert_same_results(results, jax.devices(), mode, "multiclass", logits, labels)
 
 
 def test_ranking_metrics_on_hand_computed_cases():

@@ -75,7 +75,7 @@ def evaluate_workdir(
     from zoo.training import loop
     from zoo.training.checkpoint import latest_checkpoint
     from zoo.training.evaluate import evaluator_names, run_evaluators
-    from zoo.training.step import compile_eval_step, make_mesh
+    from zoo.training.step import Parallel, make_mesh
 
     names = evaluator_names(evals if evals is not None else config.evals.names)
     if not names:
@@ -107,15 +107,16 @@ def evaluate_workdir(
     if names == ["classification"] and not method.is_classifier:
         raise ValueError(f"method '{method.name}' has no classifier: use --evals knn")
     eval_augment = make_augment(spec.mean, spec.std)
+    parallel = Parallel(mesh)  # evaluation is the same under jit whatever the run's mode
     steps = {
-        "eval_step": compile_eval_step(mesh, method=method, augment=eval_augment)
+        "eval_step": parallel.compile_eval_step(method=method, augment=eval_augment)
         if method.is_classifier
         else None,
-        "features_step": compile_eval_step(
-            mesh, method=method, augment=eval_augment, output="features"
+        "features_step": parallel.compile_eval_step(
+            method=method, augment=eval_augment, output="features"
         ),
     }
-    results = run_evaluators(names, state, spec=spec, config=config, mesh=mesh, **steps)
+    results = run_evaluators(names, state, spec=spec, config=config, parallel=parallel, **steps)
     results["step"] = int(jax.device_get(state.step)) if baseline is None else 0
     results.pop("confusion", None)
     return {k: (v.item() if isinstance(v, jnp.ndarray) else v) for k, v in results.items()}

@@ -17,7 +17,11 @@ the device (4x smaller than float32) and the ops fuse into the step.
 
     augment = make_augment(mean, std, mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=1000,
                            label_smoothing=0.1)
-    batch = augment(batch, rng)    # inside train_step
+    batch = augment(batch, rng, axis_name)    # inside train_step
+
+Randomness per example (the photometric ops) is keyed by the example's index in the global
+batch and randomness per batch (mixup's lam, the cutmix box) by the step rng alone, so jit,
+pmap and one device augment each example the same way (zoo/parallel.py).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from zoo import parallel
+
 Batch = dict[str, Any]
-Augment = Callable[[Batch, jax.Array], Batch]
+Augment = Callable[..., Batch]  # (batch, rng, axis_name=None) -> batch
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL and torchvision
 
 
@@ -155,6 +161,7 @@ def solarize(image: jax.Array, threshold: float = 0.5) -> jax.Array:
 def photometric(
     images: jax.Array,
     rng: jax.Array,
+    axis_name: str | None = None,
     *,
     color_jitter_strength: float = 0.0,
     color_jitter_prob: float = 0.8,
@@ -164,7 +171,8 @@ def photometric(
     solarize_prob: float = 0.0,
 ) -> jax.Array:
     """The SimCLR/DINO ops on float [B, H, W, C] in [0, 1], each per example with its
-    probability, in SimCLR's order: jitter, grayscale, blur, solarize."""
+    probability, in SimCLR's order: jitter, grayscale, blur, solarize. Example i draws from
+    `fold_in(rng, i)`, i its index in the global batch (`axis_name`: zoo/parallel.py)."""
     radius = max(1, min(int(3 * blur_sigma[1] + 0.5), (min(images.shape[1:3]) - 1) // 2))
 
     def one(image, rng):
@@ -185,18 +193,24 @@ def photometric(
         image = maybe(keys[4], blur_prob, lambda x: gaussian_blur(x, sigma, radius), image)
         return maybe(keys[5], solarize_prob, solarize, image)
 
-    return jax.vmap(one)(images, jax.random.split(rng, images.shape[0]))
+    return jax.vmap(one)(images, parallel.example_keys(rng, images.shape[0], axis_name))
 
 
 # ----------------------------------------------------------------------------- mixup/cutmix
 
 
-def mix_targets(labels: jax.Array, num_classes: int, lam: jax.Array, smoothing: float):
+def mix_targets(
+    labels: jax.Array,
+    num_classes: int,
+    lam: jax.Array,
+    smoothing: float,
+    axis_name: str | None = None,
+):
     """timm's mixup_target: lam * smooth(y) + (1 - lam) * smooth(reversed y), [B, K]."""
     off = smoothing / num_classes
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     smooth = one_hot * (1.0 - smoothing) + off
-    return lam * smooth + (1.0 - lam) * smooth[::-1]
+    return lam * smooth + (1.0 - lam) * parallel.reverse(smooth, axis_name)
 
 
 def cutmix_box(rng: jax.Array, height: int, width: int, lam: jax.Array):
@@ -224,8 +238,10 @@ def mixup_cutmix(
     mix_prob: float = 1.0,
     switch_prob: float = 0.5,
     label_smoothing: float = 0.0,
+    axis_name: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Mixes a float batch [B, H, W, C] with its reverse -> (images, targets [B, K])."""
+    """Mixes a float batch [B, H, W, C] with its reverse -> (images, targets [B, K]). The
+    reverse is the global batch's (`zoo.parallel.reverse`); lam and the box are per batch."""
     apply_rng, switch_rng, lam_rng, box_rng = jax.random.split(rng, 4)
     use_cutmix = jnp.asarray(mixup_alpha <= 0 and cutmix_alpha > 0)
     if mixup_alpha > 0 and cutmix_alpha > 0:
@@ -238,11 +254,12 @@ def mixup_cutmix(
     (top, bottom, left, right), box_lam = cutmix_box(box_rng, height, width, lam)
     rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
     inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)  # [H, W]
-    cut = jnp.where(inside[None, :, :, None], images[::-1], images)
-    mixed = lam * images + (1.0 - lam) * images[::-1]
+    partner = parallel.reverse(images, axis_name)
+    cut = jnp.where(inside[None, :, :, None], partner, images)
+    mixed = lam * images + (1.0 - lam) * partner
     images = jnp.where(use_cutmix, cut, mixed)
     lam = jnp.where(use_cutmix, box_lam, lam)
-    return images, mix_targets(labels, num_classes, lam, label_smoothing)
+    return images, mix_targets(labels, num_classes, lam, label_smoothing, axis_name)
 
 
 def make_augment(
@@ -262,7 +279,7 @@ def make_augment(
     solarize_prob: float = 0.0,
     per_view: dict[str, dict[str, float]] | None = None,
 ) -> Augment:
-    """The device-side batch transform of a run: `augment(batch, rng) -> batch`.
+    """The device-side batch transform of a run: `augment(batch, rng, axis_name) -> batch`.
 
     With every option at its default it only normalises (the eval transform). Mixing needs
     `num_classes` and integer labels (multiclass); it adds `targets` [B, K] to the batch.
@@ -286,7 +303,7 @@ def make_augment(
         keys = ("color_jitter_strength", "grayscale_prob", "blur_prob", "solarize_prob")
         return any(settings.get(k, 0.0) > 0 for k in keys)
 
-    def augment(batch: Batch, rng: jax.Array) -> Batch:
+    def augment(batch: Batch, rng: jax.Array, axis_name: str | None = None) -> Batch:
         batch = dict(batch)
         colour_rng, mix_rng = jax.random.split(rng)
         for i, key in enumerate(image_keys(batch)):
@@ -294,7 +311,8 @@ def make_augment(
             settings = colour if per_view is None else per_view.get(key, colour)
             if photometric_on(settings):
                 images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
-                images = photometric(images, jax.random.fold_in(colour_rng, i), **settings)
+                view_rng = jax.random.fold_in(colour_rng, i)
+                images = photometric(images, view_rng, axis_name, **settings)
             batch[key] = normalize(images, mean, std)
         if mixing:
             batch["image"], batch["targets"] = mixup_cutmix(
@@ -307,6 +325,7 @@ def make_augment(
                 mix_prob=mix_prob,
                 switch_prob=mix_switch_prob,
                 label_smoothing=label_smoothing,
+                axis_name=axis_name,
             )
         return batch
 

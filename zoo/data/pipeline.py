@@ -1,12 +1,16 @@
 """grain input pipelines: per split and per process, deterministic and checkpointable.
 
-Train: shard by process -> shuffle (reshuffled each epoch) -> repeat -> read/decode ->
-per-image ops (seeded by data seed + example index) -> drop unreadable examples -> batch ->
-optional worker processes (which then also read and decode). The iterator's
-`get_state()`/`set_state()` is saved in every checkpoint, so a resumed run sees exactly the
-batches an uninterrupted run would have seen.
+Train: shuffle (reshuffled each epoch) -> repeat -> read/decode -> per-image ops (seeded by
+data seed + the example's position in the global stream) -> this process's rows of each
+global batch -> drop unreadable examples -> batch -> optional worker processes (which then
+also read and decode). Global batch b is positions [b*B, (b+1)*B) of the one shuffled stream
+and process p of P reads its rows [p*B/P, (p+1)*B/P), so the global batch, and each example's
+crop, is the same whatever the number of processes. The iterator's `get_state()` /
+`set_state()` is saved in every checkpoint, so a resumed run sees exactly the batches an
+uninterrupted run would have seen.
 
-Eval: shard by process -> eval ops -> fixed-size batches, the last one padded, with a `mask`.
+Eval: global batch b is examples [b*E, (b+1)*E) in the split's order, process p reads its
+rows of it -> eval ops -> fixed-size batches, the last one padded, with a `mask`.
 
 `Prefetch` runs an iterator (and e.g. the host -> device copy) in a background thread so that
 the next batch is made while the device computes the current step; its `get_state()` is the
@@ -55,19 +59,22 @@ def train_iterator(
     where B = data.batch_size / process_count, and one more array per extra view of the
     method (`views`, zoo/methods/base.py's `View`: `image_1`, ...), each made from the same
     example by the view's own host ops. Without `views`, `data.train_ops` make `image`.
+    The processes' batches, concatenated in process order, are the batch of one process.
     """
     batch_size = local_batch_size(data_config.batch_size, process_count)
     source = spec.source("train", data_config)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < batch_size:
+    ds = grain.MapDataset.source(source)
+    if len(ds) < data_config.batch_size:
         raise ValueError(
-            f"dataset '{spec.name}' has {len(ds)} training examples per process, fewer than "
-            f"one batch ({batch_size}); lower data.batch_size"
+            f"dataset '{spec.name}' has {len(ds)} training examples, fewer than one batch "
+            f"({data_config.batch_size}); lower data.batch_size"
         )
     ds = ds.shuffle(seed=seed).repeat()
     op = views_op(views, data_config)
-    if op is not None:
+    if op is not None:  # seeded by the global position: any number of processes, same crop
         ds = ds.random_map(skip_none(op), seed=seed)
+    if process_count > 1:
+        ds = ProcessRows(ds, batch_size, process_index, process_count)
     # Sources return None for an unreadable file (sources.py); dropping it after the map keeps
     # every other example's rng (seeded by its index) and the iterator state exact.
     iter_ds = ds.to_iter_dataset(read_options(source)).filter(lambda example: example is not None)
@@ -80,6 +87,30 @@ def train_iterator(
             grain.MultiprocessingOptions(num_workers=data_config.num_workers)
         )
     return iter(iter_ds)
+
+
+class ProcessRows(grain.MapDataset):
+    """Process `process_index`'s `rows` consecutive elements of each global batch of
+    `rows * process_count` elements of `parent`: element i is the parent's
+    (i // rows * process_count + process_index) * rows + i % rows."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, rows: int, process_index: int, count: int):
+        super().__init__(parent)
+        self._rows, self._index, self._count = rows, process_index, count
+
+    def __len__(self) -> int:
+        return len(self._parent) // (self._rows * self._count) * self._rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._rows)
+        return self._parent[(batch * self._count + self._index) * self._rows + row]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(rows={self._rows}, process {self._index} of {self._count})"
 
 
 def views_op(views: Sequence[Any] | None, data_config: Any) -> Callable | None:
@@ -195,25 +226,48 @@ def eval_batches(
     ops, in fixed-size batches with a `mask`. `role="train"` serves feature evaluators
     (k-NN, linear probe), which need the training split's features without augmentation.
 
-    Each process yields the same number of batches (padding with masked examples), so that
-    collectives in the eval step never wait on a process that ran out.
+    Global batch b holds examples [b*E, (b+1)*E) of the split (E = data.eval_batch_size);
+    process p yields rows [p*E/P, (p+1)*E/P) of each, padded: every process yields the same
+    number of batches, so that collectives in the eval step never wait on a process that ran
+    out, and the global batches are the same for any number of processes.
     """
     batch_size = local_batch_size(data_config.eval_batch_size, process_count)
     source = spec.source(role, data_config)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    eval_ops = build_ops(data_config.eval_ops)
-    if eval_ops:
-        # Eval ops are deterministic; a fixed generator serves ops that take one anyway.
-        ds = ds.map(lambda example: skip_none(compose(eval_ops))(example, _EVAL_RNG))
-    num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
+    num_batches = math.ceil(len(source) / data_config.eval_batch_size)
+    ds = grain.MapDataset.source(source)
+    if process_count > 1:
+        # Positions past the end fall into the next "epoch": ProcessRows over a repeated
+        # source, cut to this process's examples that exist.
+        rows = ProcessRows(ds.repeat(), batch_size, process_index, process_count)
+        ds = rows[: _rows_in_range(len(source), batch_size, process_index, process_count)]
+    # Eval ops are deterministic; a fixed generator serves ops that take one anyway.
+    op = skip_none(compose(build_ops(data_config.eval_ops)))
+    ds = ds.map(lambda example: op(example, _EVAL_RNG))
     batches = iter(ds.to_iter_dataset().filter(lambda e: e is not None).batch(batch_size))
     template = None
     for _ in range(num_batches):
         batch = next(batches, None)
-        if batch is None:  # this process's shard is exhausted: an all-padding batch
+        if batch is None:  # this process's share is exhausted: an all-padding batch
+            template = template or _first_example(source, op, spec.name)
             batch = {k: v[:0] for k, v in template.items()}
         template = batch
         yield pad_batch(batch, batch_size)
+
+
+def _rows_in_range(num_examples: int, rows: int, process_index: int, process_count: int) -> int:
+    """How many rows of process `process_index` (`rows` per global batch) the first
+    `num_examples` positions hold: its full shares, then its part of the last batch."""
+    full, rest = divmod(num_examples, rows * process_count)
+    return full * rows + min(max(rest - process_index * rows, 0), rows)
+
+
+def _first_example(source: Any, op: Callable, name: str) -> dict[str, np.ndarray]:
+    """The first readable example of `source` after `op`, as a batch of one (the shapes of
+    a padding batch for a process whose share is empty)."""
+    for index in range(len(source)):
+        if (example := op(source[index], _EVAL_RNG)) is not None:
+            return {k: np.asarray(v)[None] for k, v in example.items()}
+    raise ValueError(f"dataset '{name}' has no readable example to evaluate on")
 
 
 _EVAL_RNG = np.random.default_rng(0)

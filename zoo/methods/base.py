@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo import parallel
 from zoo.registry import Registry
 from zoo.training.evaluate import evaluator_names
 
@@ -106,27 +107,19 @@ METHODS: Registry[Callable[..., Method]] = Registry("method")
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def all_gather(x: jax.Array, axis_name: str | None) -> jax.Array:
-    """[n, ...] per device -> [devices * n, ...] under pmap; identity under jit (global)."""
-    return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
-
-
-def global_mean(x: jax.Array, axis_name: str | None) -> jax.Array:
-    """Mean over axis 0 of the global batch (pmean of local means under pmap)."""
-    mean = jnp.mean(x, axis=0)
-    return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
-
-
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def embedding_std(x: jax.Array) -> jax.Array:
-    """Collapse monitor: mean over dimensions of the batch std of L2-normalised embeddings,
-    times sqrt(D). Near 1 for embeddings spread over the sphere, 0 when all are equal."""
+def embedding_std(x: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """Collapse monitor: mean over dimensions of the global batch's std of L2-normalised
+    embeddings, times sqrt(D). Near 1 for embeddings spread over the sphere, 0 when all are
+    equal. Under pmap the moments are over every device's rows (`zoo.parallel.batch_mean`)."""
     z = l2_normalize(x)
-    return jnp.mean(jnp.std(z, axis=0)) * math.sqrt(z.shape[-1])
+    mean = parallel.batch_mean(z, axis_name)
+    std = jnp.sqrt(parallel.batch_mean(jnp.square(z - mean), axis_name))
+    return jnp.mean(std) * math.sqrt(z.shape[-1])
 
 
 def cosine_increase(step: jax.Array, total_steps: int, start: float, end: float = 1.0):
@@ -150,18 +143,26 @@ class MLP(nn.Module):
       batch_norm: BatchNorm after each hidden layer.
       last_batch_norm: BatchNorm (without scale) after the output layer, as SimCLR's projector.
       activation: "relu" or "gelu".
+      axis_name: the `pmap` axis the batch is split over, for BatchNorm statistics over the
+        global batch; None under `jit`, where arrays are global already.
     """
 
     features: Sequence[int]
     batch_norm: bool = True
     last_batch_norm: bool = False
     activation: str = "relu"
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         act = {"relu": nn.relu, "gelu": lambda v: nn.gelu(v, approximate=False)}[self.activation]
         norm = lambda name, **kw: nn.BatchNorm(  # noqa: E731
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name, **kw
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            axis_name=self.axis_name,
+            name=name,
+            **kw,
         )
         for i, width in enumerate(self.features):
             last = i == len(self.features) - 1
@@ -181,19 +182,26 @@ class SSLNetwork(nn.Module):
     subtree (`zoo.training.loop.load_init_from`). `__call__` returns the backbone features and
     each head's output in order, the heads applied one after another (BYOL's predictor on the
     projector's output).
+
+    `axis_name`, when set, is the `pmap` axis the batch is split over, and the backbone and
+    every head are run with it (BatchNorm statistics and dropout masks over the global batch;
+    each needs an `axis_name` field, as the registry models, `MLP` and `DINOHead` have). None
+    leaves them as they were built (under `jit` arrays are global already).
     """
 
     encoder: nn.Module
     heads: Sequence[tuple[str, nn.Module]] = ()
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, ...]:
+        overrides = {} if self.axis_name is None else {"axis_name": self.axis_name}
         # Clones with explicit names: {"backbone", <head names>} whatever the field names.
-        backbone = self.encoder.clone(parent=self, name="backbone")
+        backbone = self.encoder.clone(parent=self, name="backbone", **overrides)
         features = backbone(x, train=train).astype(jnp.float32)
         outputs, h = [features], features
         for name, head in self.heads:
-            h = head.clone(parent=self, name=name)(h, train=train)
+            h = head.clone(parent=self, name=name, **overrides)(h, train=train)
             outputs.append(h)
         return tuple(outputs)
 

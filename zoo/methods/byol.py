@@ -44,8 +44,10 @@ def regression_loss(p: jax.Array, z: jax.Array) -> jax.Array:
 def byol(model: nn.Module, views, *, total_steps: int, ema_momentum: float, hidden: int, out: int):
     """BYOL on `model` (a registry model with num_classes=0) with two `views`."""
     projector = ("projector", MLP((hidden, out)))
-    online = SSLNetwork(model, heads=(projector, ("predictor", MLP((hidden, out)))))
-    target = SSLNetwork(model, heads=(projector,))
+    online = SSLNetwork(
+        model, heads=(projector, ("predictor", MLP((hidden, out)))), axis_name=model.axis_name
+    )
+    target = SSLNetwork(model, heads=(projector,), axis_name=model.axis_name)
 
     def init(rng, batch):
         variables = online.init({"params": rng}, batch["image"], train=False)
@@ -60,7 +62,7 @@ def byol(model: nn.Module, views, *, total_steps: int, ema_momentum: float, hidd
         return params, state, extra
 
     def loss(params, model_state, extra, batch, rng, *, train, axis_name=None):
-        del axis_name  # BatchNorm over the global batch under jit; no cross-example terms
+        # The loss has no cross-example terms; BatchNorm reads `axis_name` from the networks.
         images = [batch[view.key] for view in views]
         outputs, new_state = forward_views(
             online,
@@ -83,8 +85,8 @@ def byol(model: nn.Module, views, *, total_steps: int, ema_momentum: float, hidd
         per_example = regression_loss(p1, t2) + regression_loss(p2, t1)
         metrics = {
             "cosine": 1.0 - jnp.mean(per_example) / 4.0,  # online-target cosine, mean
-            "embedding_std": embedding_std(z1),
-            "feature_std": embedding_std(h1),
+            "embedding_std": embedding_std(z1, axis_name),
+            "feature_std": embedding_std(h1, axis_name),
         }
         return jnp.mean(per_example), (metrics, new_state, {"target_state": target_state})
 

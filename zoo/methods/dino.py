@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo import parallel
 from zoo.methods.base import (
     METHODS,
     MLP,
@@ -44,23 +45,31 @@ from zoo.methods.base import (
     ema,
     embedding_std,
     forward_views,
-    global_mean,
     l2_normalize,
 )
 
 
 class DINOHead(nn.Module):
-    """MLP -> L2 normalisation -> weight-normalised linear layer without bias (K outputs)."""
+    """MLP -> L2 normalisation -> weight-normalised linear layer without bias (K outputs).
+    `axis_name`: the `pmap` axis of the batch, for the MLP's BatchNorm statistics."""
 
     out_dim: int
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     batch_norm: bool = False
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         features = (self.hidden_dim, self.hidden_dim, self.bottleneck_dim)
-        x = MLP(features, batch_norm=self.batch_norm, activation="gelu", name="mlp")(x, train=train)
+        mlp = MLP(
+            features,
+            batch_norm=self.batch_norm,
+            activation="gelu",
+            axis_name=self.axis_name,
+            name="mlp",
+        )
+        x = mlp(x, train=train)
         x = l2_normalize(x)
         shape = (self.bottleneck_dim, self.out_dim)  # the weight is v / ||v|| per output
         v = self.param("last_layer", nn.initializers.truncated_normal(0.02), shape)
@@ -114,8 +123,8 @@ def dino(
     freeze_last_layer_steps: int,
 ) -> Method:
     """DINO on `model` (student) and `teacher_model` (the same network, no drop path)."""
-    student = SSLNetwork(model, heads=(("head", head),))
-    teacher = SSLNetwork(teacher_model, heads=(("head", head),))
+    student = SSLNetwork(model, heads=(("head", head),), axis_name=model.axis_name)
+    teacher = SSLNetwork(teacher_model, heads=(("head", head),), axis_name=model.axis_name)
     num_global = 2
 
     def init(rng, batch):
@@ -164,12 +173,12 @@ def dino(
             "teacher_entropy": entropy,
             "kl": value - entropy,
             "teacher_temp": temperature,
-            "embedding_std": embedding_std(outputs[0][0]),  # student backbone features
-            "teacher_embedding_std": embedding_std(teacher_outputs[0][0]),
+            "embedding_std": embedding_std(outputs[0][0], axis_name),  # student backbone features
+            "teacher_embedding_std": embedding_std(teacher_outputs[0][0], axis_name),
         }
         aux = {
             "teacher_state": teacher_state,
-            "batch_center": global_mean(jnp.concatenate(teacher_logits), axis_name),
+            "batch_center": parallel.batch_mean(jnp.concatenate(teacher_logits), axis_name),
         }
         return value, (metrics, new_state, aux)
 

@@ -22,12 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zoo import parallel
 from zoo.methods.base import (
     METHODS,
     MLP,
     Method,
     SSLNetwork,
-    all_gather,
     check_feature_task,
     embedding_std,
     feature_dim,
@@ -51,12 +51,11 @@ def nt_xent(
     """
     n = z1.shape[0]
     z1, z2 = l2_normalize(z1), l2_normalize(z2)
-    keys = jnp.concatenate([all_gather(z1, axis_name), all_gather(z2, axis_name)])  # [2N, d]
-    total = keys.shape[0] // 2
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * n
+    keys = jnp.concatenate([parallel.gather(z1, axis_name), parallel.gather(z2, axis_name)])
+    total = keys.shape[0] // 2  # keys: [2N, d]
     queries = jnp.concatenate([z1, z2])  # [2n, d]
     logits = queries @ keys.T / temperature  # [2n, 2N]
-    rows = offset + jnp.arange(n)
+    rows = parallel.example_index(n, axis_name)
     self_index = jnp.concatenate([rows, rows + total])
     positive = jnp.concatenate([rows + total, rows])
     columns = jnp.arange(2 * total)[None, :]
@@ -70,7 +69,7 @@ def nt_xent(
 def simclr(model: nn.Module, views, *, temperature: float, proj_hidden_dim: int, proj_dim: int):
     """SimCLR on `model` (a registry model with num_classes=0) with two `views`."""
     projector = MLP((proj_hidden_dim, proj_hidden_dim, proj_dim), last_batch_norm=True)
-    network = SSLNetwork(model, heads=(("projector", projector),))
+    network = SSLNetwork(model, heads=(("projector", projector),), axis_name=model.axis_name)
 
     def init(rng, batch):
         variables = network.init({"params": rng}, batch["image"], train=False)
@@ -92,8 +91,8 @@ def simclr(model: nn.Module, views, *, temperature: float, proj_hidden_dim: int,
         value, accuracy = nt_xent(z1, z2, temperature, axis_name)
         metrics = {
             "contrastive_accuracy": accuracy,
-            "embedding_std": embedding_std(z1),  # collapse -> 0
-            "feature_std": embedding_std(h1),
+            "embedding_std": embedding_std(z1, axis_name),  # collapse -> 0
+            "feature_std": embedding_std(h1, axis_name),
         }
         return value, (metrics, new_state, None)
 

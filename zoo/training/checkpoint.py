@@ -11,6 +11,12 @@ scratch. What makes that safe:
   the saved config's model and method. An unusable checkpoint is named with its problem and
   moved to `<workdir>/damaged_checkpoints/`, and the previous one is tried; when none is
   usable the run stops (`CheckpointError`) rather than start over silently.
+
+With several processes (zoo/training/distributed.py) they write one checkpoint together
+(orbax writes each array once; the JSON items on process 0), which holds every process's data
+position. Restoring, all processes take the same decision for each step (a step unusable on
+one is unusable on all), and only process 0 moves damaged ones aside while the others wait.
+A checkpoint resumes with the number of processes that wrote it.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ class Checkpointer:
         self.workdir = pathlib.Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         partial = sorted(p.name for p in self.directory.glob("*.orbax-checkpoint-tmp*"))
-        if partial:
+        if partial and jax.process_index() == 0:
             print(
                 f"zoo: removing {len(partial)} incomplete checkpoint write(s) of an interrupted "
                 f"run: {', '.join(partial)}",
@@ -98,7 +104,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_iterator.get_state()),
+                data=ocp.args.JsonSave(data_position(data_iterator)),
                 config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
                 digest=ocp.args.JsonSave({"state": state_digest(state)}),
             ),
@@ -110,24 +116,29 @@ class Checkpointer:
 
         Raises:
           CheckpointError: there are checkpoints but none can be restored.
+          ValueError: the latest usable checkpoint was written by another number of processes.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         problems: list[str] = []
         for step in steps:
+            problem = None
             try:
                 restored = self._restore_step(step, abstract, data_iterator, config)
+            except WrongProcessCount:
+                raise
             except Exception as error:  # noqa: BLE001 - any failure makes this step unusable
                 problem = error.args[0] if isinstance(error, _Unusable) else _short(error)
+            if not all_processes_agree(problem is None):
+                problem = problem or "unusable on another process (its log says why)"
                 problems.append(f"step {step}: {problem}")
-                print(f"zoo: checkpoint {step} is unusable ({problem})", file=sys.stderr)
+                _say(f"zoo: checkpoint {step} is unusable ({problem})")
                 continue
             if problems:
                 moved = self._move_aside([s for s in steps if s > step])
-                print(
+                _say(
                     f"zoo: resuming from the previous usable checkpoint, step {step}; the "
-                    f"unusable ones are in {moved}",
-                    file=sys.stderr,
+                    f"unusable ones are in {moved}"
                 )
             return restored
         if problems:
@@ -161,19 +172,24 @@ class Checkpointer:
             raise _Unusable(
                 "its arrays do not match the digest saved with them (damaged or overwritten files)"
             )
-        data_iterator.set_state(restored["data"])
+        data_iterator.set_state(own_data_position(restored["data"], step, self.directory))
         return restored["state"]
 
     def _move_aside(self, steps: list[int]) -> pathlib.Path:
         """Moves unusable checkpoints out of orbax's sight (kept for a post-mortem), so the
-        run can write those steps again."""
+        run can write those steps again: process 0 moves them, the others wait for it."""
         target = self.workdir / "damaged_checkpoints"
-        target.mkdir(exist_ok=True)
-        for step in steps:
-            destination = target / str(step)
-            if destination.exists():
-                shutil.rmtree(destination)
-            shutil.move(str(self.directory / str(step)), destination)
+        if jax.process_index() == 0:
+            target.mkdir(exist_ok=True)
+            for step in steps:
+                destination = target / str(step)
+                if destination.exists():
+                    shutil.rmtree(destination)
+                shutil.move(str(self.directory / str(step)), destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("zoo: damaged checkpoints moved aside")
         self.manager.reload()
         return target
 
@@ -186,3 +202,58 @@ class Checkpointer:
 
 class _Unusable(Exception):
     """A checkpoint read without error that still cannot be used (its message says why)."""
+
+
+class WrongProcessCount(ValueError):
+    """A checkpoint written by another number of processes than this run has."""
+
+
+def _say(message: str) -> None:
+    """A message on stderr, from process 0 only (every process takes the same decisions)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr)
+
+
+def all_processes_agree(ok: bool) -> bool:
+    """Whether `ok` holds on every process (just `ok` with one process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def data_position(data_iterator: Any) -> Any:
+    """What a checkpoint saves of the data: the iterator's state, or with several processes
+    {"process_states": [each process's state]} (orbax writes JSON from process 0 only)."""
+    state = data_iterator.get_state()
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    text = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(len(text)))))
+    padded = np.zeros(longest, np.uint8)
+    padded[: len(text)] = text
+    texts = multihost_utils.process_allgather(padded)  # [processes, longest]
+    states = [json.loads(bytes(row).rstrip(b"\0")) for row in texts]
+    return {"process_states": states}
+
+
+def own_data_position(saved: Any, step: int, directory: pathlib.Path) -> Any:
+    """This process's data iterator state in a checkpoint's `data` item (`data_position`).
+
+    Raises:
+      WrongProcessCount: it was saved by another number of processes (each process's
+        position counts its own rows: it does not carry over to another split).
+    """
+    count, index = jax.process_count(), jax.process_index()
+    states = saved.get("process_states") if isinstance(saved, dict) else None
+    written_by = 1 if states is None else len(states)
+    if written_by != count:
+        raise WrongProcessCount(
+            f"checkpoint {step} in {directory} was written by {written_by} process(es) and "
+            f"this run has {count}: resume it with {written_by} (parallel.num_processes="
+            f"{written_by}, or as many cluster tasks), or use another --workdir"
+        )
+    return saved if states is None else states[index]

@@ -11,7 +11,7 @@ ranked here in numpy. By task:
   multilabel  accuracy (per label), exact_match, map (mean over classes of AP), f1_micro,
               f1_macro, loss, count
 
-    results = evaluate(eval_step, state, batches, mesh, task="binary")
+    results = evaluate(eval_step, state, batches, parallel, task="binary")
 
 Feature evaluators (`evaluate_features`) judge a backbone without its classifier, as
 self-supervised methods are judged: the features of the training split (eval ops, no
@@ -30,7 +30,7 @@ import numpy as np
 
 from zoo.registry import Registry
 from zoo.training import feature_eval
-from zoo.training.step import device_batch
+from zoo.training.step import all_processes
 
 EVALUATORS: Registry[str] = Registry("evaluator")
 for _name, _what in (
@@ -145,16 +145,20 @@ def evaluate(
     eval_step: Callable,
     state: Any,
     batches: Iterable[dict[str, np.ndarray]],
-    mesh,
+    parallel,
     task: str = "multiclass",
 ) -> dict[str, Any]:
-    """Runs `eval_step` over `batches` and returns the metrics of `task` (module docstring)."""
+    """Runs `eval_step` over `batches` and returns the metrics of `task` (module docstring).
+
+    `parallel` (zoo.training.step.Parallel) lays each batch out for the step; batches whose
+    size does not divide over the devices are padded with masked examples first."""
     totals, scores, labels = None, [], []
     for batch in batches:
-        sums = dict(eval_step(state, device_batch(batch, mesh)))
+        batch = pad_to_devices(batch, parallel)
+        sums = dict(eval_step(state, parallel.put_batch(batch)))
         per_example = sums.pop("per_example", None)
         if per_example is not None:  # one host copy per batch: only for ranking metrics
-            per_example = jax.device_get(per_example)
+            per_example = jax.tree.map(parallel.rows, per_example)
             keep = per_example["mask"] > 0
             per_example = {k: v[keep] for k, v in per_example.items()}
             scores.append(ranking_scores(per_example))
@@ -162,22 +166,38 @@ def evaluate(
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     if totals is None:
         raise ValueError("the eval split is empty")
-    totals = jax.device_get(totals)  # one host sync per evaluation
+    totals = parallel.host(totals)  # one host sync per evaluation
     scores = np.concatenate(scores) if scores else None
     labels = np.concatenate(labels) if labels else None
     return metrics_from_totals(totals, scores, labels, task)
 
 
+def pad_to_devices(batch: dict[str, np.ndarray], parallel) -> dict[str, np.ndarray]:
+    """A masked eval batch padded with masked examples to a multiple of this process's
+    devices (an eval batch of 500 on 8 devices: 504), so any batch size evaluates anywhere."""
+    from zoo.data.pipeline import pad_batch
+
+    devices = len(parallel.mesh.local_devices)
+    size = len(batch["mask"])
+    if size % devices == 0:
+        return batch
+    padded = pad_batch(batch, -(-size // devices) * devices)
+    padded["mask"][:size] = batch["mask"]  # keep the masked rows of the batch masked
+    return padded
+
+
 def collect_features(
-    features_step: Callable, state: Any, batches: Iterable[dict[str, np.ndarray]], mesh
+    features_step: Callable, state: Any, batches: Iterable[dict[str, np.ndarray]], parallel
 ) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, D] float32, labels [N]) of every real (unmasked) example of `batches`."""
     features, labels = [], []
     for batch in batches:
-        out = np.asarray(jax.device_get(features_step(state, device_batch(batch, mesh))))
-        keep = batch["mask"] > 0
+        batch = pad_to_devices(batch, parallel)
+        out = parallel.rows(features_step(state, parallel.put_batch(batch)))
+        mask, label = all_processes((batch["mask"], np.asarray(batch["label"])))
+        keep = mask > 0
         features.append(out[keep].astype(np.float32))
-        labels.append(np.asarray(batch["label"])[keep])
+        labels.append(label[keep])
     if not features:
         raise ValueError("the split to compute features of is empty")
     return np.concatenate(features), np.concatenate(labels)
@@ -188,7 +208,7 @@ def evaluate_features(
     state: Any,
     train_batches: Iterable[dict[str, np.ndarray]],
     eval_batches: Iterable[dict[str, np.ndarray]],
-    mesh,
+    parallel,
     *,
     names: list[str],
     num_classes: int,
@@ -208,8 +228,8 @@ def evaluate_features(
       {"knn_accuracy", "linear_probe_accuracy", "linear_probe_train_accuracy", "count"}, the
       ones asked for (count: eval examples).
     """
-    train_x, train_y = collect_features(features_step, state, train_batches, mesh)
-    eval_x, eval_y = collect_features(features_step, state, eval_batches, mesh)
+    train_x, train_y = collect_features(features_step, state, train_batches, parallel)
+    eval_x, eval_y = collect_features(features_step, state, eval_batches, parallel)
     if not (np.all(np.isfinite(train_x)) and np.all(np.isfinite(eval_x))):
         raise ValueError("the backbone's features are not finite (NaN or inf): the run diverged")
     results: dict[str, Any] = {"count": int(len(eval_y))}
@@ -247,14 +267,15 @@ def run_evaluators(
     config: Any,
     eval_step: Callable,
     features_step: Callable,
-    mesh,
+    parallel,
     process_index: int = 0,
     process_count: int = 1,
 ) -> dict[str, Any]:
     """The evaluators `names` (the config's `evals.names`) of `state`, as one dict of metrics.
 
     `eval_step` and `features_step` are the compiled eval step with `output="sums"` and
-    `output="features"`; the splits come from `config.data` (zoo/data/pipeline.py).
+    `output="features"` compiled by `parallel` (zoo.training.step.Parallel); the splits come
+    from `config.data` (zoo/data/pipeline.py).
     """
     from zoo.data import pipeline
 
@@ -262,7 +283,7 @@ def run_evaluators(
     results: dict[str, Any] = {}
     if "classification" in names:
         batches = pipeline.eval_batches(spec, config.data, **process)
-        results = evaluate(eval_step, state, batches, mesh, task=spec.task)
+        results = evaluate(eval_step, state, batches, parallel, task=spec.task)
     feature_names = [name for name in names if name != "classification"]
     if feature_names:
         results.update(
@@ -271,7 +292,7 @@ def run_evaluators(
                 state,
                 pipeline.eval_batches(spec, config.data, role="train", **process),
                 pipeline.eval_batches(spec, config.data, **process),
-                mesh,
+                parallel,
                 names=feature_names,
                 num_classes=max(spec.num_classes, 2),  # binary: 0/1 labels
                 knn=config.evals.knn,

@@ -36,13 +36,7 @@ from zoo.training.evaluate import evaluator_names, run_evaluators
 from zoo.training.optim import build_optimizer
 from zoo.training.preemption import StopSignals
 from zoo.training.state import TrainState
-from zoo.training.step import (
-    compile_eval_step,
-    compile_train_step,
-    device_batch,
-    make_mesh,
-    shardings,
-)
+from zoo.training.step import Parallel, make_mesh, shardings
 
 
 class RunFailed(RuntimeError):
@@ -52,7 +46,9 @@ class RunFailed(RuntimeError):
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def build_model(config: Any, num_classes: int):
+def build_model(config: Any, num_classes: int, axis_name: str | None = None):
+    """The registry model of `config.model`; `axis_name` (pmap) reaches its BatchNorm
+    statistics and its per-example dropout keys (zoo/parallel.py)."""
     name, dtype = config.model.name, config.model.dtype
     if dtype not in DTYPES:
         raise ValueError(
@@ -62,6 +58,8 @@ def build_model(config: Any, num_classes: int):
     overrides = config_overrides(config.model.to_dict())
     MODELS.get(name)  # an unknown name lists the close matches
     try:
+        if axis_name is not None:
+            overrides["axis_name"] = axis_name
         return create_model(name, num_classes=num_classes, dtype=DTYPES[dtype], **overrides)
     except ValueError as e:  # a field's own check, e.g. ResNet's stem
         if str(e).startswith("model '"):
@@ -132,9 +130,7 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
                 f"init_from={source} is a folder without checkpoints/<step>/; give a zoo "
                 "workdir that has trained, or a weights file"
             )
-        import orbax.checkpoint as ocp
-
-        loaded = ssl_backbone(ocp.StandardCheckpointer().restore(checkpoint.absolute()))
+        loaded = ssl_backbone(restore_on_this_host(checkpoint))
     elif source.is_file():
         model_name = config.init_from_model or config.model.name
         state_dict = load_state_dict(source)
@@ -173,6 +169,23 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
         )
     variables = traverse_util.unflatten_dict(merged)
     return variables.pop("params"), variables, reinit + zero_filled
+
+
+def restore_on_this_host(checkpoint: pathlib.Path) -> Any:
+    """A checkpoint's arrays, whole, on this process's first device: whatever devices and
+    processes wrote it (without a target, orbax would want the writers' topology)."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    stored = checkpointer.metadata(checkpoint.absolute()).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
+    return checkpointer.restore(
+        checkpoint.absolute(),
+        args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+        ),
+    )
 
 
 def is_nonfinite(metrics: dict[str, Any]) -> bool:
@@ -258,6 +271,8 @@ def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
 
 
 def init_state(method, tx, example_batch, augment, rng, mesh) -> TrainState:
+    """The initial state as global replicated arrays (`Parallel.put_state` lays it out for
+    the train step)."""
     replicated, _ = shardings(mesh)
 
     def init(rng):
@@ -286,20 +301,23 @@ class Parts:
     schedule: Any
     augment: Any
     example_batch: dict[str, Any]
-    mesh: Any
+    parallel: Parallel
     steps_per_epoch: int
     total_steps: int
     train_size: int
     evals: list[str]
 
     def init(self, rng: jax.Array) -> TrainState:
-        return init_state(self.method, self.tx, self.example_batch, self.augment, rng, self.mesh)
+        mesh = self.parallel.mesh
+        return init_state(self.method, self.tx, self.example_batch, self.augment, rng, mesh)
 
 
 def build(config: Any, spec: Any, mesh: Any) -> Parts:
     """Model, method, optimizer and device augmentation of `config` on dataset `spec`, all
     checked before anything is compiled (used by `run` and by `python -m zoo.evaluate`)."""
-    model = build_model(config, spec.num_classes if is_classifier(config) else 0)
+    parallel = Parallel(mesh, config.parallel.mode)  # an unknown mode fails here
+    num_classes = spec.num_classes if is_classifier(config) else 0
+    model = build_model(config, num_classes, parallel.axis_name)
     train_size = len(spec.source("train", config.data))
     steps_per_epoch, total_steps = schedule_lengths(config, train_size)
     method = build_method(
@@ -340,12 +358,33 @@ def build(config: Any, spec: Any, mesh: Any) -> Parts:
         schedule=schedule,
         augment=augment,
         example_batch=example_batch,
-        mesh=mesh,
+        parallel=parallel,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         train_size=train_size,
         evals=evaluator_names(config.evals.names),
     )
+
+
+def check_batch_layout(config: Any, num_devices: int) -> None:
+    """`data.batch_size` against the devices and `optim.grad_accum_steps` (each device's
+    share is cut into that many micro-batches): a ValueError naming the numbers and the fix,
+    before anything is built. (Evaluation pads its batches to fit any device count.)"""
+    steps, batch = config.optim.grad_accum_steps, config.data.batch_size
+    if steps < 1:
+        raise ValueError(f"optim.grad_accum_steps must be >= 1 (1 = off), got {steps}")
+    unit = num_devices * steps
+    if batch % unit:
+        what = f"{num_devices} device(s)" + (
+            f" x optim.grad_accum_steps={steps}" if steps > 1 else ""
+        )
+        below, above = batch // unit * unit, (batch // unit + 1) * unit
+        fits = f"{below} or {above}" if below else str(above)
+        raise ValueError(
+            f"data.batch_size={batch} does not divide over the {what} ({unit}): set "
+            f"data.batch_size to a multiple of {unit}, e.g. {fits}"
+            + (", or change optim.grad_accum_steps" if steps > 1 else "")
+        )
 
 
 def check_run_config(config: Any, workdir: pathlib.Path) -> None:
@@ -396,20 +435,17 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains and evaluates as `config` says; returns the final eval metrics."""
     workdir = pathlib.Path(workdir)
     check_run_config(config, workdir)  # before anything is built, read or compiled
-    workdir.mkdir(parents=True, exist_ok=True)
-    if config.parallel.mode != "jit":
-        raise ValueError(f"parallel.mode must be 'jit', got '{config.parallel.mode}'")
-    spec = get_dataset(config.data.name, config.data)
     mesh = make_mesh()
-    if config.data.batch_size % mesh.size:
-        raise ValueError(
-            f"data.batch_size={config.data.batch_size} must be divisible by the number of "
-            f"devices ({mesh.size})"
-        )
+    Parallel(mesh, config.parallel.mode)  # an unknown mode fails before anything is read
+    check_batch_layout(config, mesh.size)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = get_dataset(config.data.name, config.data)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    chief = jax.process_index() == 0  # prints, metric files and plots
 
     parts = build(config, spec, mesh)
     method, tx, augment, evals = parts.method, parts.tx, parts.augment, parts.evals
+    parallel = parts.parallel
     steps_per_epoch, total_steps = parts.steps_per_epoch, parts.total_steps
     train_iter = pipeline.train_iterator(
         spec, config.data, seed=config.seed, views=method.views, **process
@@ -441,19 +477,23 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             if reinit
             else ""
         )
-    step = int(jax.device_get(state.step))
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    step = int(np.asarray(state.step.addressable_data(0)))
+    if chief:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    state = parallel.put_state(state)  # pmap: one copy per device
 
-    train_step = compile_train_step(
-        mesh,
+    train_step = parallel.compile_train_step(
         method=method,
         tx=tx,
         augment=augment,
         schedule=parts.schedule,
         skip_nonfinite=config.optim.skip_nonfinite,
+        grad_accum_steps=config.optim.grad_accum_steps,
     )
-    eval_step = compile_eval_step(mesh, method=method, augment=eval_augment)
-    features_step = compile_eval_step(mesh, method=method, augment=eval_augment, output="features")
+    eval_step = parallel.compile_eval_step(method=method, augment=eval_augment)
+    features_step = parallel.compile_eval_step(
+        method=method, augment=eval_augment, output="features"
+    )
     writer = metrics_lib.MetricWriter(workdir)
     eval_every = config.evals.every_steps or steps_per_epoch
     log_every = config.logging.every_steps
@@ -470,17 +510,20 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             config=config,
             eval_step=eval_step,
             features_step=features_step,
-            mesh=mesh,
+            parallel=parallel,
             **process,
         )
         writer.write(step, "eval", {k: v for k, v in results.items() if k != "confusion"})
         eval_seconds += time.perf_counter() - start
         return results
 
-    print(
+    say = print if chief else lambda *_: None
+    say(
         f"zoo: {config.model.name} ({num_params:,} params) on {spec.name} "
         f"({parts.train_size:,} train images), {total_steps} steps of {config.data.batch_size} "
-        f"on {mesh.size} {jax.devices()[0].platform} device(s); workdir {workdir}"
+        f"on {mesh.size} {jax.devices()[0].platform} device(s) ({parallel.mode}"
+        + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        + f"); workdir {workdir}"
         + (f"; resumed at step {step}" if restored is not None else "")
         + init_message
     )
@@ -492,7 +535,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     # after the loop they only let it finish.
     with StopSignals(jax.process_count()) as stop:
         # The next batches are made and copied to the device in a thread while the step runs.
-        batches = pipeline.Prefetch(train_iter, lambda batch: device_batch(batch, mesh))
+        batches = pipeline.Prefetch(train_iter, parallel.put_batch)
         try:
             while step < total_steps:
                 batch = next(batches)
@@ -502,13 +545,20 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                     compile_seconds = time.perf_counter() - start
                 state, step_metrics = train_step(state, batch, step_rng)
                 step += 1
-                pending.append(step_metrics)  # read on the host only when needed below
+                # Read on the host only when needed below; the copy starts now.
+                step_metrics = parallel.local_copy(step_metrics)
+                jax.tree.map(lambda x: x.copy_to_host_async(), step_metrics)
+                pending.append(step_metrics)
+                # At most two steps in flight: with dozens queued, XLA:CPU's collectives over
+                # several devices deadlocked (SPEED.md, "Scale"); elsewhere it costs nothing.
+                if len(pending) > 2:
+                    jax.block_until_ready(pending[-3])
                 log = step % log_every == 0 or step == total_steps
                 evaluate = evals and (step % eval_every == 0 or step == total_steps)
                 save = step % config.checkpoint.every_steps == 0 or step == total_steps
                 stopping = stop.requested(step)
                 if log or evaluate or save or stopping:
-                    values = jax.device_get(pending)
+                    values = parallel.host(pending)
                     guard.check(step - len(values) + 1, values)  # before anything is saved
                     window, pending = window + values, []
                 if log:
@@ -520,7 +570,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                     results = run_eval(step)
                     progress.write(f"step {step}: eval {format_metrics(results)}")
                 if save or stopping:
-                    checkpointer.save(step, state, batches, config)
+                    checkpointer.save(step, parallel.get_state(state), batches, config)
                 if stopping:
                     break
         finally:
@@ -531,7 +581,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         if stop.received:
             checkpointer.close()
             writer.close()
-            print(
+            say(
                 f"zoo: stopped by {stop.received} at step {step} of {total_steps}; checkpoint "
                 f"saved in {checkpointer.directory / str(step)}. Run the same command again to "
                 "resume."
@@ -544,7 +594,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         checkpointer.wait()
         checkpointer.close()
         writer.close()
-        metrics_lib.plot_curves(metrics_lib.read_jsonl(writer.jsonl), workdir / "curves.png")
+        metrics_lib.plot_curves(writer.records(), workdir / "curves.png")
         if "confusion" in results:  # multiclass and binary
             metrics_lib.plot_confusion_matrix(
                 results["confusion"],
@@ -568,15 +618,16 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
             "freed_memory_kept": backend.freed_memory_kept,  # zoo's allocator settings in effect
             "skipped_nonfinite_updates": guard.total,  # this invocation's (optim.skip_nonfinite)
         }
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if chief:
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         if results:
-            print(
+            say(
                 f"final eval on {results['count']} images: {format_metrics(results)} "
                 f"({method.name}, {spec.task}); outputs in {workdir}"
             )
         else:
-            print(f"done at step {step} (evals.names is empty); outputs in {workdir}")
+            say(f"done at step {step} (evals.names is empty); outputs in {workdir}")
         if guard.total:
-            print(f"skipped {guard.total} update(s) with a non-finite loss or gradient")
+            say(f"skipped {guard.total} update(s) with a non-finite loss or gradient")
         logging.info("summary: %s", summary)
         return results

@@ -1,4 +1,8 @@
-"""Where metrics go: JSONL + TensorBoard event files, a progress bar, and PNG plots."""
+"""Where metrics go: JSONL + TensorBoard event files, a progress bar, and PNG plots.
+
+With several processes only process 0 writes: on the others the writer, the progress bar and
+the plots do nothing (`enabled`, default: whether this is process 0).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,35 @@ import numpy as np
 import tqdm
 
 
+def is_main_process() -> bool:
+    """Whether this is process 0 of the run (the only one when there is one; a process that
+    has not imported JAX runs none)."""
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
 class MetricWriter:
     """Appends `{"step": s, "split": name, **scalars}` lines to metrics.jsonl and writes the
-    same scalars as TensorBoard summaries (tensorboardX: no TensorFlow needed)."""
+    same scalars as TensorBoard summaries (tensorboardX: no TensorFlow needed); nothing when
+    not `enabled` (default: on process 0 only)."""
 
-    def __init__(self, workdir: str | pathlib.Path):
-        SummaryWriter = summary_writer_class()
+    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+        self.enabled = is_main_process() if enabled is None else enabled
         self.workdir = pathlib.Path(workdir)
         self.jsonl = self.workdir / "metrics.jsonl"
-        self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+        self.tensorboard = None
+        if self.enabled:
+            SummaryWriter = summary_writer_class()
+            self.tensorboard = SummaryWriter(str(self.workdir / "tensorboard"))
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every record of metrics.jsonl (earlier runs' in this workdir too); [] when not
+        enabled (another process may be writing the file)."""
+        return read_jsonl(self.jsonl) if self.enabled and self.jsonl.exists() else []
 
     def write(self, step: int, split: str, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         scalars = {k: float(v) for k, v in scalars.items()}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
@@ -32,7 +54,8 @@ class MetricWriter:
         self.tensorboard.flush()
 
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def summary_writer_class():
@@ -61,10 +84,14 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """A progress bar over steps showing loss, accuracy, images/s and the ETA."""
+    """A progress bar over steps showing loss, accuracy, images/s and the ETA; with its
+    messages, shown only when `enabled` (default: on process 0 only)."""
 
-    def __init__(self, total_steps: int, initial_step: int, batch_size: int):
+    def __init__(
+        self, total_steps: int, initial_step: int, batch_size: int, enabled: bool | None = None
+    ):
         self.batch_size = batch_size
+        self.enabled = is_main_process() if enabled is None else enabled
         self.bar = tqdm.tqdm(
             total=total_steps,
             initial=initial_step,
@@ -72,6 +99,7 @@ class Progress:
             dynamic_ncols=True,
             smoothing=0.1,
             mininterval=1.0,
+            disable=not self.enabled,
         )
         self._last = (time.perf_counter(), initial_step)
 
@@ -89,7 +117,8 @@ class Progress:
         self.bar.update(step - self.bar.n)
 
     def write(self, text: str) -> None:
-        self.bar.write(text)
+        if self.enabled:
+            self.bar.write(text)
 
     def close(self) -> None:
         self.bar.close()
@@ -100,7 +129,9 @@ ACCURACY_KEYS = {"accuracy": "", "knn_accuracy": "k-NN", "linear_probe_accuracy"
 
 def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path) -> None:
     """Train/eval loss and accuracy (a classifier's, and the k-NN and linear-probe accuracy
-    of feature evaluators) against step, from metrics.jsonl records."""
+    of feature evaluators) against step, from metrics.jsonl records (process 0 only)."""
+    if not is_main_process():
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +159,10 @@ def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path) -> None
 def plot_confusion_matrix(
     matrix: np.ndarray, class_names: Sequence[str], path: str | pathlib.Path, title: str = ""
 ) -> None:
-    """Row-normalised confusion matrix [true, predicted] with counts, labelled by class."""
+    """Row-normalised confusion matrix [true, predicted] with counts, labelled by class
+    (process 0 only)."""
+    if not is_main_process():
+        return
     import matplotlib
 
     matplotlib.use("Agg")

@@ -196,6 +196,20 @@ def weight_decay_schedule(optim: Any, total_steps: int):
     )
 
 
+def first_moment_dtype(optim: Any):
+    """`optim.mu_dtype` ("" = the parameters' float32, or "bfloat16": half the memory of the
+    momentum / Adam's first moment, as big_vision's `mu_dtype`); optax's LARS has no such
+    option, so it is refused there."""
+    name = optim.get("mu_dtype", "")
+    check_name("optim.mu_dtype", name, ("", "float32", "bfloat16"))
+    if name and optim.name == "lars":
+        raise ValueError(
+            f"optim.mu_dtype={name} applies to sgd and adamw; LARS keeps its momentum in "
+            "float32: unset optim.mu_dtype"
+        )
+    return {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
 def build_optimizer(
     optim: Any,
     schedule_cfg: Any,
@@ -226,6 +240,7 @@ def build_optimizer(
     check_not_negative("optim.lr", optim.lr, " (the peak learning rate, e.g. 0.1 for SGD)")
     check_not_negative("optim.weight_decay", optim.weight_decay)
     check_not_negative("optim.grad_clip_norm", optim.grad_clip_norm, " (0 = no clipping)")
+    mu_dtype = first_moment_dtype(optim)
     peak = peak_learning_rate(optim, batch_size)
     schedule = build_schedule(schedule_cfg, peak, total_steps, steps_per_epoch)
     weight_decay = weight_decay_schedule(optim, total_steps)
@@ -236,7 +251,14 @@ def build_optimizer(
     if optim.name == "sgd":
         if decaying:
             parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
-        parts.append(optax.sgd(schedule, momentum=optim.momentum or None, nesterov=optim.nesterov))
+        parts.append(
+            optax.sgd(
+                schedule,
+                momentum=optim.momentum or None,
+                nesterov=optim.nesterov,
+                accumulator_dtype=mu_dtype,
+            )
+        )
     elif optim.name == "adamw":
         parts.append(
             optax.adamw(
@@ -244,6 +266,7 @@ def build_optimizer(
                 b1=optim.b1,
                 b2=optim.b2,
                 eps=optim.eps,
+                mu_dtype=mu_dtype,
                 weight_decay=weight_decay,
                 mask=decay_mask,
             )
