@@ -48,7 +48,9 @@ def flatten(tree):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol", "dino"])
+# BYOL's run is slow-marked (the suite's time): its loop path is SimCLR's, its step is tested
+# in tests/test_methods.py.
+@pytest.mark.parametrize("name", ["simclr", pytest.param("byol", marks=pytest.mark.slow), "dino"])
 def test_config_trains_checkpoints_and_resumes_exactly(name, tmp_path):
     config = f"--config=configs/{name}_fashion_mnist_mini.py"
     output = run("train.py", config, f"--workdir={tmp_path}", *SHORT_RUN)

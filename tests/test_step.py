@@ -1,4 +1,5 @@
-"""The one train step and eval step: learning, BatchNorm modes, and 8 devices == 1 device."""
+"""The one train step and eval step: learning, BatchNorm modes, masks (8 devices == 1 device,
+jit and pmap: tests/test_parallel.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -107,20 +108,6 @@ def test_eval_sums_respect_the_mask(one_device):
     assert sums_full["count"] == BATCH and sums_half["count"] == BATCH // 2
     assert sums_full["confusion"].sum() == BATCH and sums_half["confusion"].sum() == BATCH // 2
     assert sums_half["top1"] <= sums_full["top1"] <= sums_full["top5"]
-
-
-def test_eight_devices_equal_one_device(one_device):
-    assert jax.device_count() == 8, "tests/conftest.py forces 8 host devices"
-    state1, losses1 = one_device.run(3)
-    state8, losses8 = Setup(jax.devices()).run(3)
-    np.testing.assert_allclose(losses1, losses8, rtol=0, atol=1e-5)
-    for tree in ("params", "model_state"):
-        for a, b in zip(
-            jax.tree.leaves(jax.device_get(getattr(state1, tree))),
-            jax.tree.leaves(jax.device_get(getattr(state8, tree))),
-            strict=True,
-        ):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_weight_decay_mask_skips_biases_and_norms():
