@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_data import data_config  # tests/ is on sys.path
 
 from zoo.data import pipeline
 from zoo.data.datasets import get_dataset
@@ -210,25 +211,12 @@ def test_two_processes_train_resume_and_stop_as_one_process_of_8_devices(tmp_pat
     assert evaluated["loss"] == pytest.approx(expected["loss"], abs=1e-5)
 
 
-def data_config(**overrides):
-    config = dict(
-        batch_size=48,
-        eval_batch_size=600,
-        train_ops="random_crop(padding=2)|flip",
-        eval_ops="",
-        num_workers=0,
-        data_dir="",
-        download=False,
-    )
-    return ml_collections.ConfigDict({**config, **overrides})
-
-
 @pytest.mark.parametrize("process_count", [2, 3])
 def test_processes_read_their_rows_of_the_global_batches_of_one_process(process_count):
     # 250 batches of 48 pass the end of the 10,000 examples' first epoch: the global order
     # goes on into the reshuffled second one. The random crops are the same (seeded by the
     # example's global position), and the iterator positions resume as they do in one.
-    spec, config = get_dataset("fashion_mnist_mini"), data_config()
+    spec, config = get_dataset("fashion_mnist_mini"), data_config(batch_size=48)
     one = pipeline.train_iterator(spec, config, seed=1)
     processes = [
         pipeline.train_iterator(spec, config, seed=1, process_index=p, process_count=process_count)
@@ -253,7 +241,10 @@ def test_processes_read_their_rows_of_the_global_batches_of_one_process(process_
 def test_processes_evaluate_their_rows_of_the_same_global_batches(process_count, eval_batch_size):
     # 2,000 examples: the last global batch is partial (600, 1500) or all of them (4000:
     # processes 2 and 3 have nothing to read, and pad).
-    spec, config = get_dataset("fashion_mnist_mini"), data_config(eval_batch_size=eval_batch_size)
+    spec, config = (
+        get_dataset("fashion_mnist_mini"),
+        data_config(batch_size=48, eval_batch_size=eval_batch_size),
+    )
     (one,) = [list(pipeline.eval_batches(spec, config))]
     shares = [
         list(pipeline.eval_batches(spec, config, process_index=p, process_count=process_count))

@@ -69,6 +69,9 @@ class Dropout(nn.Module):
     rate: float = 0.0
     axis_name: str | None = None
 
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        return x.shape  # one decision per value
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         if not train or self.rate == 0.0:
@@ -76,33 +79,16 @@ class Dropout(nn.Module):
         if self.rate >= 1.0:
             return jnp.zeros_like(x)
         keep = 1.0 - self.rate
-        mask = per_example_mask(self.make_rng("dropout"), keep, x.shape, self.axis_name)
+        mask = per_example_mask(self.make_rng("dropout"), keep, self.mask_shape(x), self.axis_name)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
-class DropPath(nn.Module):
-    """Stochastic depth (Huang et al. 2016): drops the whole residual branch per example.
+class DropPath(Dropout):
+    """Stochastic depth (Huang et al. 2016): `Dropout` of the whole residual branch per
+    example (one decision per example, `rate` the probability of dropping it)."""
 
-    Kept examples are scaled by 1 / (1 - rate) so the expectation is unchanged. Uses the
-    'dropout' rng stream, one key per example (`per_example_mask`).
-
-    Attributes:
-      rate: probability of dropping an example's branch.
-      axis_name: the `pmap` axis the batch is split over (the global example index keys the
-        mask); None under `jit` or on one device.
-    """
-
-    rate: float = 0.0
-    axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        if not train or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mask = per_example_mask(self.make_rng("dropout"), keep, shape, self.axis_name)
-        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
 
 
 def _batch_norm_forward(x, scale, bias, epsilon):
