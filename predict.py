@@ -8,7 +8,7 @@ See zoo/predict.py for every flag.
 
 import sys
 
-from zoo.predict import main
+from zoo.predict import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

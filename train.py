@@ -9,7 +9,9 @@ resumes from its latest checkpoint. SIGTERM or Ctrl-C stops after the current st
 checkpoint. Several processes (hosts) run the same command, with the config's `parallel` keys
 or under SLURM, Open MPI or a TPU pod slice (zoo/training/distributed.py). Exit status: 0 done
 (or stopped with a checkpoint), 1 the run failed (diverged, no usable checkpoint), 2 a bad
-config, override or input file (found before training starts).
+config, override or input file (found before training starts). --keep_freed_memory: glibc keeps
+freed memory for the next step; 224-px models train up to 1.5x faster, small jobs lose time (one
+malloc arena), memory is kept until exit (benchmarks/SPEED.md "How zoo sets up XLA:CPU and glibc").
 """
 
 import os
@@ -22,6 +24,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.common import check_overrides, parse_flags, usage_error  # noqa: E402
+from zoo.cpu import allocator  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = str(ROOT / "configs/default.py")
@@ -30,33 +33,15 @@ DEFAULT_CONFIG = str(ROOT / "configs/default.py")
 if __name__ == "__main__" and (problem := check_overrides(sys.argv, DEFAULT_CONFIG)):
     usage_error(problem)
 
-config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file (Python, get_config()).", lock_config=True
-)
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Python config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory; default runs/<config file name>.")
-
-
-def choose_allocator(keep_freed_memory: bool) -> None:
-    """Applies the config's `keep_freed_memory` through zoo's environment switch, which
-    `import zoo` reads (glibc's arena setting only counts before JAX starts its threads). A
-    ZOO_KEEP_FREED_MEMORY already in the environment wins."""
-    if keep_freed_memory:
-        return
-    if "zoo" in sys.modules:  # e.g. a config file that imports zoo: too late to change
-        from zoo import backend
-
-        if backend.freed_memory_kept:
-            logging.warning(
-                "config.keep_freed_memory=False comes too late: the config imported zoo, "
-                "which applied its allocator settings. Set ZOO_KEEP_FREED_MEMORY=0 instead."
-            )
-        return
-    os.environ.setdefault("ZOO_KEEP_FREED_MEMORY", "0")
+flags.DEFINE_bool("keep_freed_memory", False, "glibc keeps freed memory: big jobs run faster.")
 
 
 def main(argv):
+    if flags.FLAGS.keep_freed_memory:  # before JAX starts its threads (zoo/cpu/allocator.py)
+        allocator.keep_freed_memory()
     config = flags.FLAGS.config
-    choose_allocator(config.keep_freed_memory)
     from zoo.training import distributed, loop
 
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem

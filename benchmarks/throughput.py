@@ -23,10 +23,10 @@ measured late in one long process read zoo ~25% slower.
     HF_HUB_OFFLINE=1 python benchmarks/throughput.py --vs-timm --out results.json
     # one model, one mode:
     python benchmarks/throughput.py --models resnet50 --modes train --vs-timm --steps 5
-    # what a speed switch of zoo.models is worth: the train step compiled twice, as is and
-    # with the switch flipped, interleaved with timm's in one process:
+    # what fields of zoo's CPU policy (zoo.cpu.CpuPolicy) are worth: the train step compiled
+    # twice, with the default policy and with those fields changed, interleaved with timm's:
     python benchmarks/throughput.py --models swin_tiny_patch4_window7_224 --modes train \
-        --vs-timm --steps 6 --compare layers.ATTENTION_VJP conv.ONE_BUFFER_POINTWISE_GRADIENT
+        --vs-timm --steps 6 --compare attention_vjp pointwise_gradient_buffer
     # a GPU (bf16, large batch, MFU against the chip's peak):
     python benchmarks/throughput.py --device gpu --vs-timm --out results_gpu.json
 """
@@ -34,10 +34,8 @@ measured late in one long process read zoo ~25% slower.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
-import importlib
 import json
 import os
 import statistics
@@ -51,7 +49,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from zoo import backend
+from zoo import cpu
+from zoo.cpu import CpuPolicy
 from zoo.methods.supervised import supervised
 from zoo.models import create_model
 from zoo.training import step as step_lib
@@ -162,18 +161,25 @@ class Runner:
     flops_per_image: float = 0.0
 
 
-def zoo_runner(case: Case, mode: str, batch: int, dtype, num_classes: int = 1000) -> Runner:
-    """zoo's jitted train step (or eval forward) for `case` on one device."""
+def zoo_runner(
+    case: Case, mode: str, batch: int, dtype, num_classes: int = 1000, policy_fields=None
+) -> Runner:
+    """zoo's jitted train step (or eval forward) for `case` on one device, with the default
+    CPU policy or the policy with `policy_fields` replaced."""
     model = create_model(case.name, num_classes=num_classes, dtype=dtype, **dict(case.zoo_kwargs))
     data = fake_batch(batch, case.size, num_classes)
     rng = jax.random.PRNGKey(0)
+    device = jax.devices()[0]
+    policy = cpu.policy_for([device], dataclasses.replace(cpu.default(), **(policy_fields or {})))
     variables = jax.jit(
-        lambda r: model.init(r, jnp.zeros((1, case.size, case.size, 3)), train=False),
-        compiler_options=backend.once_compiler_options(),
+        cpu.traced(
+            lambda r: model.init(r, jnp.zeros((1, case.size, case.size, 3)), train=False), policy
+        ),
+        compiler_options=cpu.once_compiler_options(device.platform),
     )(rng)
     forward = jax.jit(  # compiled as zoo's evaluation step and Classifier compile a forward
-        lambda v, x: model.apply(v, x, train=False),
-        compiler_options=backend.forward_compiler_options(),
+        cpu.traced(lambda v, x: model.apply(v, x, train=False), policy),
+        compiler_options=cpu.forward_compiler_options(device.platform),
     )
     if mode == "infer":
         start = time.perf_counter()
@@ -197,7 +203,12 @@ def zoo_runner(case: Case, mode: str, batch: int, dtype, num_classes: int = 1000
     )
     state = jax.device_put(state, step_lib.shardings(mesh)[0])
     train_step = step_lib.compile_train_step(
-        mesh, method=method, tx=tx, augment=lambda b, r, axis_name=None: b, schedule=schedule
+        mesh,
+        policy=policy,
+        method=method,
+        tx=tx,
+        augment=lambda b, r, axis_name=None: b,
+        schedule=schedule,
     )
     batch_arrays = step_lib.device_batch(data, mesh)
     start = time.perf_counter()
@@ -270,75 +281,39 @@ def timm_runner(
     return Runner(step, time.perf_counter() - start)
 
 
-# The speed switches of zoo.models: module-level settings read when a model is traced
-# (bools such as layers.ATTENTION_VJP, conv.IMPLEMENTATION "auto" / "xla", numbers such as
-# layers.ATTENTION_SLICES).
-SWITCH_MODULES = {
-    name: f"zoo.models.{name}" for name in ("conv", "layers", "resnet", "swin", "winograd")
-}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
-def available_switches() -> dict[str, bool | int | str]:
-    """`module.NAME` -> current value of every switch in SWITCH_MODULES (conv, layers, resnet,
-    swin, winograd)."""
-    found = {}
-    for short, path in SWITCH_MODULES.items():
-        for name, value in vars(importlib.import_module(path)).items():
-            if name.isupper() and isinstance(value, bool | int | str):
-                found[f"{short}.{name}"] = value
-    return found
-
-
-def parse_switches(specs: list[str]) -> dict[str, bool | int | str]:
-    """`module.NAME` (a bool, flipped) or `module.NAME=value` -> {module.NAME: value}; an
-    unknown name or a value of the wrong kind is a ValueError that lists what exists."""
-    current = available_switches()
+def parse_policy_fields(specs: list[str]) -> dict[str, bool | int]:
+    """`field` (a bool of zoo.cpu.CpuPolicy, flipped) or `field=value` -> {field: value}; an
+    unknown field or a value of the wrong kind is a ValueError that lists what exists."""
+    default = cpu.default()
+    fields = CpuPolicy.field_names()
     settings = {}
     for spec in specs:
         name, has_value, text = spec.partition("=")
-        if name not in current:
-            close = difflib.get_close_matches(name, current, n=3, cutoff=0.5)
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(
-                f"--compare: unknown switch {name!r}.{hint} Switches: {', '.join(sorted(current))}"
+                f"--compare: {name!r} is not a field of zoo.cpu.CpuPolicy.{hint} Fields: "
+                f"{', '.join(fields)}"
             )
-        value = current[name]
+        value = getattr(default, name)
         if isinstance(value, bool):
             if has_value and text.lower() not in TRUE_WORDS + FALSE_WORDS:
                 raise ValueError(f"--compare: {name} is on/off; got {text!r} (use true or false)")
             settings[name] = text.lower() in TRUE_WORDS if has_value else not value
         elif not has_value:
             raise ValueError(f"--compare: {name} takes a value, e.g. {name}={value}")
-        elif isinstance(value, int):
+        else:
             try:
                 settings[name] = int(text)
             except ValueError:
                 raise ValueError(
                     f"--compare: {name} is a whole number; got {text!r} (e.g. {name}={value})"
                 ) from None
-        else:
-            settings[name] = text
     return settings
-
-
-def _switch_home(name: str):
-    """`module.NAME` -> (the zoo.models module, "NAME")."""
-    short, attribute = name.split(".")
-    return importlib.import_module(SWITCH_MODULES[short]), attribute
-
-
-@contextlib.contextmanager
-def switched(settings: dict[str, bool | int | str]):
-    """Sets the switches for the block (models traced in it see them), then restores them."""
-    before = {name: getattr(*_switch_home(name)) for name in settings}
-    try:
-        for name, value in settings.items():
-            setattr(*_switch_home(name), value)
-        yield
-    finally:
-        for name, value in before.items():
-            setattr(*_switch_home(name), value)
 
 
 def page_faults() -> int:
@@ -352,7 +327,7 @@ def page_faults() -> int:
 
 # XLA:CPU allocates a step's temporaries as one buffer (1.7 GB for vit_small's train step at
 # batch 16), the next step's before the last one's is freed, and glibc (zoo's settings,
-# zoo/backend.py) served it from fresh memory until the heap held about three of them: such a
+# zoo/cpu/allocator.py) served it from fresh memory until the heap held about three of them: such a
 # step faulted in 430,000 pages and took 4.8 s instead of 2.7 (2-core Zen4). Which steps did
 # varied from run to run: the 3rd to 6th, the 3rd, 4th, 8th and 9th, or only the 10th
 # (vit_small, swin_tiny, convnext_tiny), and from then on none did. So the untimed steps go
@@ -445,10 +420,9 @@ def bench_case(case: Case, mode: str, args: argparse.Namespace, peak: float) -> 
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     zoo = zoo_runner(case, mode, batch, dtype)
     runners = {"zoo": zoo}
-    settings = parse_switches(args.compare)
-    if settings:  # the same model traced and compiled again with the switches set
-        with switched(settings):
-            runners["zoo_switched"] = zoo_runner(case, mode, batch, dtype)
+    settings = parse_policy_fields(args.compare)
+    if settings:  # the same model traced and compiled again with the fields changed
+        runners["zoo_switched"] = zoo_runner(case, mode, batch, dtype, policy_fields=settings)
     use_timm = args.vs_timm and bool(case.timm_name)
     if use_timm:
         runners["timm"] = timm_runner(
@@ -629,10 +603,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--compare",
         nargs="+",
         default=[],
-        metavar="SWITCH[=VALUE]",
-        help="also time zoo with these zoo.models switches set (a bool alone: flipped), e.g. "
-        "layers.ATTENTION_VJP conv.IMPLEMENTATION=xla layers.ATTENTION_SLICES=1; compiled in "
-        "the same process and interleaved with the others",
+        metavar="FIELD[=VALUE]",
+        help="also time zoo with these fields of its CPU policy (zoo.cpu.CpuPolicy) changed "
+        "(a bool alone: flipped), e.g. attention_vjp winograd=false attention_slices=1; "
+        "compiled in the same process and interleaved with the others",
     )
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     parser.add_argument(
@@ -642,7 +616,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     args = parser.parse_args(argv)
     try:
-        parse_switches(args.compare)
+        parse_policy_fields(args.compare)
     except ValueError as error:
         parser.error(str(error))
     args.precision = args.precision or ("bf16" if args.device == "gpu" else "fp32")
@@ -672,10 +646,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
         "timm_memory_format": "channels_last" if args.channels_last else "NCHW",
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # incl. zoo's (zoo/backend.py)
-        "forward_compiler_options": backend.forward_compiler_options(),
-        # glibc: zoo's one arena, no mmap, no trimming (zoo/backend.py), timm included
-        "freed_memory_kept": backend.freed_memory_kept,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # incl. zoo's (zoo/cpu/flags.py)
+        "forward_compiler_options": cpu.forward_compiler_options(device.platform),
+        # glibc: zoo's one arena, no mmap, no trimming (zoo/cpu/allocator.py), timm included
+        "freed_memory_kept": cpu.allocator.kept,
     }
     rows = []
     for name in args.models:
@@ -694,4 +668,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    cpu.keep_freed_memory()  # zoo as train.py runs large jobs, timm too (zoo/cpu/allocator.py)
     main()

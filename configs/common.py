@@ -145,11 +145,6 @@ def base() -> ml_collections.ConfigDict:
     c.parallel.coordinator = ""  # "host:port" of process 0
     c.parallel.num_processes = 0
     c.parallel.process_id = -1
-    # zoo's glibc allocator settings (zoo/backend.py keep_freed_memory: one malloc arena, freed
-    # memory kept for the next step). They save the page faults of large per-step temporaries
-    # (224 px models train up to 1.5x faster) and cost small jobs time (the one arena). train.py
-    # applies this before importing zoo; ZOO_KEEP_FREED_MEMORY in the environment wins.
-    c.keep_freed_memory = True
     return c
 
 

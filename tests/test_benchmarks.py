@@ -6,8 +6,10 @@ import time
 
 import pytest
 
+import zoo.models.conv
 from benchmarks import throughput
-from zoo.models import conv, layers
+from zoo import cpu
+from zoo.cpu import conv as cpu_conv
 
 FIELDS = ("images_per_s", "images_per_s_min", "images_per_s_max", "step_ms", "gflops_per_image")
 
@@ -116,54 +118,50 @@ def test_row_subprocess_gets_this_runs_options_and_its_own_row():
     ]
 
 
-def test_compare_switches_parse_flip_and_reject_with_the_list():
-    assert throughput.parse_switches(["layers.ATTENTION_VJP", "conv.IMPLEMENTATION=xla"]) == {
-        "layers.ATTENTION_VJP": not layers.ATTENTION_VJP,
-        "conv.IMPLEMENTATION": "xla",
+def test_compare_fields_parse_flip_and_reject_with_the_list():
+    default = cpu.default()
+    assert throughput.parse_policy_fields(["attention_vjp", "winograd=false"]) == {
+        "attention_vjp": not default.attention_vjp,
+        "winograd": False,
     }
-    assert throughput.parse_switches(["conv.DEPTHWISE_VJP=off"]) == {"conv.DEPTHWISE_VJP": False}
-    with pytest.raises(ValueError, match="Did you mean layers.ATTENTION_VJP") as error:
-        throughput.parse_switches(["layers.ATENTION_VJP"])
-    assert "conv.ONE_BUFFER_POINTWISE_GRADIENT" in str(error.value)  # the whole list
-    assert "resnet.ONE_BUFFER_BLOCK_OUTPUT" in str(error.value)
+    assert throughput.parse_policy_fields(["depthwise_vjp=off"]) == {"depthwise_vjp": False}
+    with pytest.raises(ValueError, match="Did you mean attention_vjp") as error:
+        throughput.parse_policy_fields(["atention_vjp"])
+    assert "pointwise_gradient_buffer" in str(error.value)  # the whole list
+    assert "block_output_buffer" in str(error.value)
     with pytest.raises(ValueError, match="use true or false"):
-        throughput.parse_switches(["layers.ATTENTION_VJP=maybe"])
-    with pytest.raises(ValueError, match="conv.IMPLEMENTATION=auto"):
-        throughput.parse_switches(["conv.IMPLEMENTATION"])
-    assert throughput.parse_switches(["layers.ATTENTION_SLICES=1"]) == {
-        "layers.ATTENTION_SLICES": 1
-    }
+        throughput.parse_policy_fields(["attention_vjp=maybe"])
+    with pytest.raises(ValueError, match="attention_slices=16"):
+        throughput.parse_policy_fields(["attention_slices"])
+    assert throughput.parse_policy_fields(["attention_slices=1"]) == {"attention_slices": 1}
     with pytest.raises(ValueError, match="whole number"):
-        throughput.parse_switches(["layers.ATTENTION_SLICES=many"])
+        throughput.parse_policy_fields(["attention_slices=many"])
 
 
-def test_switched_sets_for_the_block_and_restores_after_an_error():
-    def current():
-        return conv.IMPLEMENTATION, layers.ATTENTION_VJP
-
-    before = current()
-    settings = {"conv.IMPLEMENTATION": "xla", "layers.ATTENTION_VJP": False}
-    with pytest.raises(RuntimeError), throughput.switched(settings):
-        assert current() == ("xla", False)
-        raise RuntimeError
-    assert current() == before
-
-
-def test_compare_builds_a_second_zoo_runner_under_the_switches(monkeypatch):
+def test_compare_builds_a_second_zoo_runner_under_the_changed_policy(monkeypatch):
     seen = []
     build = throughput.zoo_runner
 
     def recording_runner(*args, **kwargs):
-        seen.append(conv.IMPLEMENTATION)  # what the model is traced under
+        seen.append(kwargs.get("policy_fields"))
         return build(*args, **kwargs)
 
+    traced = []
     monkeypatch.setattr(throughput, "zoo_runner", recording_runner)
-    args = bench_args(compare=["conv.IMPLEMENTATION=xla"])
+    original_conv2d = cpu_conv.conv2d
+
+    def recording_conv2d(*args, **kwargs):
+        traced.append(cpu.current().winograd)
+        return original_conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(zoo.models.conv, "conv2d", recording_conv2d)
+    args = bench_args(compare=["winograd=false"])
     row = throughput.bench_case(throughput.Case("resnet8", 16, "sgd"), "infer", args, 1e11)
-    assert seen == ["auto", "xla"] and conv.IMPLEMENTATION == "auto"
-    assert row["zoo_switched"]["switches"] == {"conv.IMPLEMENTATION": "xla"}
+    assert seen == [None, {"winograd": False}]
+    assert set(traced) == {True, False}  # each program traced under its own policy
+    assert row["zoo_switched"]["switches"] == {"winograd": False}
     assert row["zoo_switched"]["images_per_s"] > 0 and row["zoo_over_switched"] > 0
     assert row["zoo_over_switched_paired"] > 0
     meta = {"device": "cpu", "device_kind": "cpu", "precision": "fp32", "peak_source": "test"}
     meta |= {"steps": 1, "load_average": (0.0,), "load_average_end": (0.0,)}
-    assert "| conv.IMPLEMENTATION=xla |" in throughput.markdown([row], meta)
+    assert "| winograd=False |" in throughput.markdown([row], meta)

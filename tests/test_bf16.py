@@ -22,7 +22,8 @@ import pytest
 from test_parallel_models import compiled, random_variables  # tests/ is on sys.path
 
 import zoo
-from zoo.models import conv
+from zoo.cpu import CpuPolicy
+from zoo.cpu import depthwise as cpu_depthwise
 
 BATCH = 8
 SIZE = 32
@@ -106,7 +107,7 @@ def test_depthwise_conv_sums_bf16_in_float32():
     grad = jax.random.normal(jax.random.PRNGKey(2), x.shape)
 
     def depthwise(x, kernel):
-        return conv.depthwise_conv(x, kernel, (1, 1), ((1, 1), (1, 1)))
+        return cpu_depthwise.depthwise_conv(x, kernel, (1, 1), ((1, 1), (1, 1)), CpuPolicy())
 
     def vjp(x, kernel, grad):
         out, pullback = jax.vjp(depthwise, x, kernel)

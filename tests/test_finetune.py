@@ -162,7 +162,7 @@ def test_finetune_config_reads_the_weights_metadata():
     )
     assert config.optim.layer_decay == 0.8
     with pytest.raises(FileNotFoundError, match="image folder /path/to/images does not exist"):
-        zoo.data.datasets.get_dataset(config.data.name, config.data)
+        zoo.data.datasets.dataset_from_config(config.data)
 
 
 def test_finetune_config_without_the_weights_package_says_what_to_do(monkeypatch, tmp_path):

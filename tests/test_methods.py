@@ -10,7 +10,7 @@ import pytest
 
 from configs import common
 from zoo.data import pipeline
-from zoo.data.datasets import get_dataset
+from zoo.data.datasets import dataset_from_config, get_dataset
 from zoo.methods import METHODS, base, byol, dino, simclr
 from zoo.models import create_model
 from zoo.training import loop
@@ -190,7 +190,7 @@ def test_bad_method_settings_fail_before_compilation(name, override, message):
     for key, value in override.items():
         section, field = key.split(".") if "." in key else (None, key)
         (config[section] if section else config)[field] = value
-    spec = get_dataset(config.data.name, config.data)
+    spec = dataset_from_config(config.data)
     with pytest.raises(ValueError, match=message):
         loop.build(config, spec, step_lib.make_mesh(jax.devices()[:1]))
 
@@ -201,7 +201,7 @@ class Step:
     def __init__(self, name: str, devices, mode: str = "jit"):
         config = ssl_config(name)
         config.parallel.mode = mode
-        spec = get_dataset(config.data.name, config.data)
+        spec = dataset_from_config(config.data)
         self.parts = loop.build(config, spec, step_lib.make_mesh(devices))
         self.parallel = self.parts.parallel
         # On the host: the train step donates the state it is given.
@@ -276,7 +276,7 @@ def test_ssl_steps_lower_the_loss_and_keep_their_state(name):
 
 def test_dino_last_layer_gets_no_gradient_while_frozen():
     config = ssl_config("dino")
-    spec = get_dataset(config.data.name, config.data)
+    spec = dataset_from_config(config.data)
     model = create_model("resnet8", num_classes=0)
     method = METHODS.get("dino")(config, model, spec, total_steps=10, steps_per_epoch=1)
     frozen = dino.dino(
@@ -330,7 +330,7 @@ def test_ssl_configs_build_their_method(config_name):
     # The GPU recipes read tfds CIFAR-10, which is not here: their model, method and views are
     # checked on the embedded images instead (the crop sizes are the configs' own).
     config.data.name = "fashion_mnist_mini"
-    spec = get_dataset(config.data.name, config.data)
+    spec = dataset_from_config(config.data)
     parts = loop.build(config, spec, step_lib.make_mesh(jax.devices()[:1]))
     assert parts.method.name == config.method.name and not parts.method.is_classifier
     assert len(parts.method.views) == 2 + config.method.num_local_crops

@@ -141,8 +141,8 @@ def test_model_runs_train_and_eval(name):
     assert out.shape == (2, 7) and bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_resnet_block_outputs_are_buffers_with_the_same_values(monkeypatch):
-    from zoo.models import resnet
+def test_resnet_block_outputs_are_buffers_with_the_same_values():
+    from zoo import cpu
 
     model = zoo.create_model("resnet8", num_classes=5)  # 3 residual blocks
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
@@ -154,16 +154,15 @@ def test_resnet_block_outputs_are_buffers_with_the_same_values(monkeypatch):
         )
         return jnp.sum(out * jnp.arange(5))
 
-    def run():  # traced afresh: the switch is read when tracing
-        forward = jax.jit(lambda v: model.apply(v, x, train=False))
+    def run(policy):
+        forward = jax.jit(cpu.traced(lambda v: model.apply(v, x, train=False), policy))
         conditionals = forward.lower(variables).compile().as_text().count(" conditional(")
-        return conditionals, forward(variables), jax.jit(jax.grad(loss))(variables["params"])
+        grads = jax.jit(cpu.traced(jax.grad(loss), policy))(variables["params"])
+        return conditionals, forward(variables), grads
 
-    assert jax.default_backend() == "cpu"
-    conditionals, logits, grads = run()
+    conditionals, logits, grads = run(cpu.CpuPolicy())
     assert conditionals == 3  # one per block, kept by XLA:CPU's optimisations
-    monkeypatch.setattr(resnet, "ONE_BUFFER_BLOCK_OUTPUT", False)
-    plain_conditionals, plain_logits, plain_grads = run()
+    plain_conditionals, plain_logits, plain_grads = run(cpu.CpuPolicy(block_output_buffer=False))
     assert plain_conditionals == 0
     np.testing.assert_allclose(logits, plain_logits, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads), strict=True):

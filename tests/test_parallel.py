@@ -10,7 +10,7 @@ from configs import common
 from zoo import parallel as parallel_lib
 from zoo.data import pipeline
 from zoo.data.augment import make_augment
-from zoo.data.datasets import get_dataset
+from zoo.data.datasets import dataset_from_config
 from zoo.training import loop
 from zoo.training import step as step_lib
 
@@ -37,7 +37,7 @@ class Run:
     def __init__(self, config, devices, mode):
         config = config.copy_and_resolve_references()
         config.parallel.mode = mode
-        spec = get_dataset(config.data.name, config.data)
+        spec = dataset_from_config(config.data)
         self.parts = loop.build(config, spec, step_lib.make_mesh(devices))
         self.parallel = self.parts.parallel
         self.state = self.parts.init(jax.random.PRNGKey(0))

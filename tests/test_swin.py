@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.models import swin
+from zoo import cpu
 from zoo.models.swin import shift_mask, window_partition, window_reverse
 
 NAME = "swin_tiny_patch4_window7_224"
@@ -72,7 +72,7 @@ def test_bfloat16_compute_stays_close_to_float32(small):
     assert float(jnp.max(jnp.abs(half - full))) <= 0.03 * float(jnp.max(jnp.abs(full)))
 
 
-def test_window_buffers_change_the_program_not_the_gradients(small, monkeypatch):
+def test_window_buffers_change_the_program_not_the_gradients(small):
     model, variables, x, _, _ = small
 
     rngs = {"dropout": jax.random.PRNGKey(3)}
@@ -81,9 +81,9 @@ def test_window_buffers_change_the_program_not_the_gradients(small, monkeypatch)
         logits = model.apply({"params": params}, x, train=True, rngs=rngs)
         return jnp.sum(logits**2)
 
-    def traced(buffers: bool):  # a fresh function per setting: the switch is read when tracing
-        monkeypatch.setattr(swin, "WINDOW_BUFFERS", buffers)
-        program = jax.jit(jax.grad(lambda p: loss(p))).lower(variables["params"]).compile()
+    def traced(buffers: bool):
+        policy = cpu.CpuPolicy(window_buffers=buffers)
+        program = jax.jit(cpu.traced(jax.grad(loss), policy)).lower(variables["params"]).compile()
         return program, program(variables["params"])
 
     plain, plain_grads = traced(False)

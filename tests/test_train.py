@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_imports import FAULT_PROBE, GLIBC_DEFAULTS, REUSE, run_python  # tests/ is on sys.path
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A few steps of a tiny ResNet on the embedded dataset: checkpoints at steps 4, 8, 12.
@@ -96,19 +97,35 @@ def test_short_run_writes_checkpoints_metrics_and_plots(uninterrupted):
             assert scalars[(f"{r['split']}/{key}", r["step"])] == pytest.approx(r[key], rel=1e-6)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["step"] == 12 and summary["eval_count"] == 2000
-    assert summary["freed_memory_kept"] is False  # configs/default.py: keep_freed_memory=False
+    assert summary["freed_memory_kept"] is False  # without train.py --keep_freed_memory
+
+
+TRAIN_WITH_A_PROBE = """
+import json, sys, types
+from absl import app
+import train
+from zoo.cpu import allocator
+
+keep_freed_memory = allocator.keep_freed_memory
+def before_jax():
+    assert "jax" not in sys.modules, "train.py set glibc after importing JAX"
+    return keep_freed_memory()
+allocator.keep_freed_memory = before_jax
+# In place of the training loop (train.py imports it after the allocator): glibc's behaviour.
+loop = types.ModuleType("zoo.training.loop")
+loop.RunFailed = RuntimeError
+loop.run = lambda config, workdir: print("RESULT " + json.dumps([allocator.kept, page_faults()]))
+sys.modules["zoo.training.loop"] = loop
+sys.argv = ["train.py", *sys.argv[1:]]
+app.run(train.main, flags_parser=train.parse_flags)
+"""
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_config_chooses_the_allocator_before_zoo_is_imported(keep):
-    # train.py's main job sets keep_freed_memory=False; it must reach zoo's import.
-    code = (
-        f"import train; train.choose_allocator({keep}); "
-        "from zoo import backend; print('kept', backend.freed_memory_kept)"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "ZOO_KEEP_FREED_MEMORY"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert f"kept {keep}" in result.stdout
+def test_keep_freed_memory_flag_reaches_glibc_before_jax(keep):
+    # An arena is tied to a thread at its first allocation: glibc must be set before JAX starts.
+    flags = ["--keep_freed_memory"] if keep else []
+    kept, faults = run_python(FAULT_PROBE + TRAIN_WITH_A_PROBE, *flags)
+    assert kept is keep
+    if sys.platform.startswith("linux"):
+        assert (max(faults[2:]) < REUSE) if keep else (min(faults[2:]) > GLIBC_DEFAULTS), faults

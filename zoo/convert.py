@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from flax import serialization
 
-from zoo.models.catalog import model_entry
-from zoo.models.pretrained import load_pretrained
+from zoo.models.registry import model_entry
+from zoo.models.weights import load_pretrained
 
 VARIABLES_FILE = "variables.msgpack"
 METADATA_FILE = "pretrained.json"

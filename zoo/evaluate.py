@@ -71,7 +71,7 @@ def evaluate_workdir(
     import orbax.checkpoint as ocp
 
     from zoo.data.augment import make_augment
-    from zoo.data.datasets import get_dataset
+    from zoo.data.datasets import dataset_from_config
     from zoo.training import loop
     from zoo.training.checkpoint import latest_checkpoint
     from zoo.training.evaluate import evaluator_names, run_evaluators
@@ -84,7 +84,7 @@ def evaluate_workdir(
         raise ValueError(
             f"--baseline {baseline} has no classifier: use --evals knn and/or linear_probe"
         )
-    spec = get_dataset(config.data.name, config.data)
+    spec = dataset_from_config(config.data)
     mesh = make_mesh()
     parts = loop.build(config, spec, mesh)
     state = parts.init(jax.random.split(jax.random.PRNGKey(config.seed))[0])  # as `run`

@@ -14,7 +14,9 @@ Prints, after a header line starting with '#':
 Binary and multi-label models add the labels predicted at the threshold (`method.threshold`
 of the run, or --threshold). Inputs are files, globs and folders (searched recursively for
 image files). An unreadable image is reported (by its path, on stderr) and the others are
-still classified; the exit status is 1 if any image failed, 2 on a usage error.
+still classified; the exit status is 1 if any image failed, 2 on a usage error. The command
+line (`cli`) runs with zoo's glibc allocator settings (zoo/cpu/allocator.py); `main` alone does
+not change them.
 """
 
 from __future__ import annotations
@@ -309,5 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
+def cli() -> int:
+    """`python -m zoo.predict` and predict.py: `main` with glibc keeping freed memory for the
+    next batch, set before JAX starts its threads (zoo/cpu/allocator.py)."""
+    from zoo import cpu
+
+    cpu.keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

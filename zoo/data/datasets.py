@@ -3,6 +3,7 @@
     spec = get_dataset("cifar10")                 # a registered name
     spec = get_dataset("tfds:caltech101", cfg)    # any prepared tfds dataset
     spec = get_dataset("folder:/data/pets", cfg)  # an image folder (see `folder_dataset`)
+    spec = dataset_from_config(config.data)       # a run's: data.name against its config
     source = spec.source("train", data_config)    # random-access, for grain
 
 Registered: the embedded `fashion_mnist_mini`, its binary `fashion_mnist_mini_footwear`
@@ -107,6 +108,13 @@ def get_dataset(name: str, data_config: Any = None) -> DatasetSpec:
             raise ValueError(f"data.mean {mean} and data.std {std} need one value per channel")
         spec = dataclasses.replace(spec, mean=mean, std=std)
     return spec
+
+
+def dataset_from_config(data_config: Any) -> DatasetSpec:
+    """The spec of a run's dataset: `data.name` resolved against the run's `data` namespace
+    (data_dir/download, folder layout, mean/std; see `get_dataset`). Entry points resolve it
+    once and pass the spec on (`zoo.training.loop.build`, the pipeline, the evaluators)."""
+    return get_dataset(data_config.name, data_config)
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:

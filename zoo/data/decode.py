@@ -9,26 +9,27 @@ and an animated GIF/WebP or a multi-page TIFF gives its first frame.
     image = decode_file("cat.jpg")                                 # the same, from the path
 
 A file Pillow cannot read (corrupt, truncated, empty, not an image) raises `ImageDecodeError`
-(and, from `decode_file`, a path that is no file: missing, a broken link, a folder);
-so does an image larger than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`,
-which zoo never switches off: Pillow itself only warns between 1x and 2x the limit, zoo refuses
-the whole range) or one with an aspect ratio beyond `MAX_ASPECT_RATIO`:1. The folder source
-skips such a file and logs its path (zoo/data/sources.py); `zoo.inference.load_image` raises
-a ValueError naming it.
+(and, from `decode_file`, a path that is no file: missing, a broken link, a folder), whatever
+the process set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` to (zoo turns it off for its own decodes
+only, `_truncated_images_refused`); so does an image larger than Pillow's decompression-bomb
+limit (`PIL.Image.MAX_IMAGE_PIXELS`, which zoo never switches off: Pillow itself only warns
+between 1x and 2x the limit, zoo refuses the whole range) or one with an aspect ratio beyond
+`MAX_ASPECT_RATIO`:1. The folder source skips such a file and logs its path
+(zoo/data/sources.py); `zoo.inference.load_image` raises a ValueError naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import threading
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
-
-# A truncated JPEG must be an error, not a silently grey-filled image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # A 1x20000 PNG is 20,000 pixels, far below the bomb limit, yet resizing its short side to
 # 256 (ImageNet eval preprocessing) makes a 256x5,120,000 image, gigabytes of memory. No
@@ -66,6 +67,32 @@ def _too_large(limit: int) -> str:
     )
 
 
+_truncation_lock = threading.Lock()
+_decoding = 0  # decodes in progress (all threads)
+_saved_setting = False  # Pillow's LOAD_TRUNCATED_IMAGES outside them
+
+
+@contextlib.contextmanager
+def _truncated_images_refused() -> Iterator[None]:
+    """Pillow's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` False during zoo's decodes (a
+    truncated JPEG must be an error, not a silently grey-filled image) and the caller's value
+    again once the last one in any thread ends. Pillow reads the setting while it opens (PNG
+    chunks) and loads, so the whole decode runs inside; other threads see False meanwhile."""
+    global _decoding, _saved_setting
+    with _truncation_lock:
+        if _decoding == 0:
+            _saved_setting = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+        _decoding += 1
+    try:
+        yield
+    finally:
+        with _truncation_lock:
+            _decoding -= 1
+            if _decoding == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_setting
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16/32-bit grey: to 8 bits
         array = np.asarray(image, dtype=np.float64)
@@ -92,7 +119,7 @@ def decode_image(data: bytes) -> np.ndarray:
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _truncated_images_refused():
             # e.g. "corrupt EXIF data": the pixels are fine. Pillow's DecompressionBombWarning
             # (1x-2x the limit) is ignored too: check_size refuses those images before load.
             warnings.simplefilter("ignore")

@@ -365,7 +365,7 @@ def resolve_data_config(model_name: str, image_size: int | None = None) -> dict[
 
     pretrained = model_entry(model_name).pretrained
     if pretrained is None:
-        from zoo.models.catalog import PretrainedConfig
+        from zoo.models.registry import PretrainedConfig
 
         pretrained = PretrainedConfig()
     height, width, channels = pretrained.input_size

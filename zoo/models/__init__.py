@@ -7,7 +7,7 @@ from zoo.models import (
     swin,  # noqa: F401
     vit,  # noqa: F401
 )
-from zoo.models.catalog import (  # noqa: F401
+from zoo.models.registry import (  # noqa: F401
     MODELS,
     PretrainedConfig,
     check_input_size,
@@ -15,4 +15,5 @@ from zoo.models.catalog import (  # noqa: F401
     list_models,
     model_entry,
     register_model,
+    register_variant,
 )

@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.models.catalog import PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import Dropout, DropPath, LayerNorm, LayerScale, Mlp, global_avg_pool
-from zoo.models.pretrained import torch_to_flax
+from zoo.models.layers import Dropout, DropPath, LayerScale, Mlp, global_avg_pool
+from zoo.models.norms import LayerNorm
+from zoo.models.registry import PretrainedConfig, register_variant
+from zoo.models.weights import torch_to_flax
 
 # timm initialises every conv and linear weight with trunc_normal(std=0.02), biases with 0.
 weight_init = nn.initializers.truncated_normal(0.02)
@@ -216,7 +217,7 @@ def convnext_from_timm(
 ) -> dict[str, Any]:
     """timm ConvNeXt state_dict -> flax variables {'params': ...}.
 
-    Besides the generic renaming (`zoo.models.pretrained.torch_to_flax`): the block's
+    Besides the generic renaming (`zoo.models.weights.torch_to_flax`): the block's
     `gamma` becomes `ls/gamma`, `head.norm`/`head.fc` become `head_norm`/`head_fc`, and the
     1x1-conv MLP weights of `conv_mlp` variants (atto, nano) [out, in, 1, 1] become dense.
     """
@@ -245,13 +246,14 @@ def _register(name: str, tag: str, crop_pct: float, **defaults):
         crop_pct=crop_pct,
         license="apache-2.0",
     )
-
-    def factory(**kw) -> ConvNeXt:
-        return ConvNeXt(**{**defaults, **kw})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: ConvNeXt({', '.join(f'{k}={v}' for k, v in defaults.items())})"
-    register_model(factory, pretrained=pretrained, from_timm=convnext_from_timm, head=("head_fc",))
+    register_variant(
+        name,
+        ConvNeXt,
+        defaults,
+        pretrained=pretrained,
+        from_timm=convnext_from_timm,
+        head=("head_fc",),
+    )
 
 
 # timm's default weights for each name (its first pretrained tag) and their eval crop.

@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.models.catalog import INCEPTION_MEAN, INCEPTION_STD, PretrainedConfig, register_model
 from zoo.models.conv import Conv
-from zoo.models.layers import BatchNorm, Dropout, DropPath, SqueezeExcite, global_avg_pool
-from zoo.models.pretrained import torch_to_flax
+from zoo.models.layers import Dropout, DropPath, SqueezeExcite, global_avg_pool
+from zoo.models.norms import BatchNorm
+from zoo.models.registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedConfig, register_variant
+from zoo.models.weights import torch_to_flax
 
 # EfficientNet-B0 (the paper's table 1), one row per stage:
 # (block, repeats, kernel, stride, expand ratio, output channels).
@@ -329,7 +330,7 @@ def efficientnet_from_timm(
 ) -> dict[str, Any]:
     """timm (or efficientnet_pytorch) EfficientNet state_dict -> flax {'params', 'batch_stats'}.
 
-    Besides the generic renaming (`zoo.models.pretrained.torch_to_flax`), the squeeze-excite
+    Besides the generic renaming (`zoo.models.weights.torch_to_flax`), the squeeze-excite
     1x1 conv weights [out, in, 1, 1] become dense kernels. A state_dict in the naming of the
     `efficientnet_pytorch` library (keys `_conv_stem.weight`, `_blocks.0...`) is recognised by
     its keys and renamed to timm's first; that needs `model` for the stage layout.
@@ -362,13 +363,13 @@ def _pretrained(timm_name, size, crop_pct, interpolation="bicubic", inception=Fa
 
 
 def _register(name: str, pretrained: PretrainedConfig, **defaults):
-    def factory(**kw) -> EfficientNet:
-        return EfficientNet(**{**defaults, **kw})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: EfficientNet({', '.join(f'{k}={v}' for k, v in defaults.items())})"
-    register_model(
-        factory, pretrained=pretrained, from_timm=efficientnet_from_timm, head=("classifier",)
+    register_variant(
+        name,
+        EfficientNet,
+        defaults,
+        pretrained=pretrained,
+        from_timm=efficientnet_from_timm,
+        head=("classifier",),
     )
 
 

@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.models.catalog import PretrainedConfig, register_model
-from zoo.models.conv import Conv, value_computed_once
-from zoo.models.layers import BatchNorm, DropPath, global_avg_pool, max_pool
+from zoo.models.conv import Conv
+from zoo.models.layers import DropPath, block_output, global_avg_pool, max_pool
+from zoo.models.norms import BatchNorm
+from zoo.models.registry import PretrainedConfig, register_variant
 
 # timm/torchvision initialise convolutions with kaiming_normal(fan_out, relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -45,27 +46,6 @@ def conv(features: int, kernel: int, strides: int = 1, groups: int = 1, **kw) ->
         kernel_init=conv_init,
         **kw,
     )
-
-
-# XLA:CPU does not materialise a residual block's output relu(bn(conv(y)) + shortcut): it fuses
-# it into each consumer (the copy that feeds the next block's 1x1 convolution, the next
-# residual add), and there the shortcut, itself the previous block's output, is recomputed
-# too, back to the stage's first block: in resnet50's train step one fusion in layer1's third
-# block read four [16, 56, 56, 256] tensors and normalised, added and ReLU'd all four. Each
-# output computed once into a buffer (`conv.value_computed_once`) against without, both
-# compiled in one process and timed in alternating rounds (2-core Zen4): resnet50 training
-# 5.70 -> 5.86 img/s (1.027x per round, 8 of 8 rounds faster), inference 19.65 -> 21.01
-# (1.062x, 6 of 6); resnet20 training 1.020x (5 of 8); resnet18-CIFAR training 0.993x and
-# inference 1.003x (noise: its 3x3 convolutions already keep their input as a buffer). The
-# same change lost in EfficientNet's (0.965x) and ConvNeXt's (0.978x) training.
-ONE_BUFFER_BLOCK_OUTPUT = True  # False (before tracing): leave the fusion to XLA
-
-
-def block_output(x: jax.Array) -> jax.Array:
-    """x (a residual block's output) computed once into a buffer on CPU; elsewhere x."""
-    if not ONE_BUFFER_BLOCK_OUTPUT or jax.default_backend() != "cpu":
-        return x
-    return value_computed_once(x)
 
 
 class BasicBlock(nn.Module):
@@ -314,12 +294,9 @@ def _imagenet(timm_name: str, interpolation: str = "bicubic", crop_pct: float = 
 
 
 def _register(name: str, pretrained: PretrainedConfig | None, **defaults):
-    def factory(**kw) -> ResNet:
-        return ResNet(**{**defaults, **kw})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: ResNet({', '.join(f'{k}={v}' for k, v in defaults.items())})"
-    register_model(factory, pretrained=pretrained, from_timm=resnet_from_timm, head=("fc",))
+    register_variant(
+        name, ResNet, defaults, pretrained=pretrained, from_timm=resnet_from_timm, head=("fc",)
+    )
 
 
 _register("resnet18", _imagenet("resnet18.a1_in1k"), stage_sizes=(2, 2, 2, 2), block="basic")

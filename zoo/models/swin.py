@@ -33,28 +33,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.models.catalog import PretrainedConfig, register_model
-from zoo.models.conv import dense_dot_general, gradient_computed_once, value_computed_once
+from zoo.models.attention import Attention
 from zoo.models.layers import (
-    Attention,
     DropPath,
     Mlp,
     PatchEmbed,
     block_input,
     check_patch_size,
+    dense,
     dense_init,
-    layer_norm,
+    merge_input,
+    windows_in,
+    windows_out,
 )
-
-# Training on CPU: the windows (forward) and their gradient are computed into buffers, and
-# so is the gradient at PatchMerging's input (`layers.block_input`). Without them XLA:CPU
-# builds the transposed operands of the qkv/proj weight gradients as fused 6-D copies straight
-# from the unpartitioned map (window partition + transpose of [16, 56, 56, 96]: 16.4 ms, against
-# 3.7 ms from a buffer), with the LayerNorm and patch-merging backward recomputed inside.
-# swin_tiny train step, batch 16, 2-core Zen3: those copies' thunk time 469 -> 291 ms, CPU
-# time per step 9.61 -> 9.30 s; step time without / with, median per round over 20
-# interleaved rounds 1.025 (14 of 20 rounds >= 1), over 10 rounds 1.04; 3.11 -> 3.20 img/s.
-WINDOW_BUFFERS = True  # False (before tracing): no buffers
+from zoo.models.norms import layer_norm
+from zoo.models.registry import PretrainedConfig, register_variant
 
 
 def window_partition(x: jax.Array, window: tuple[int, int]) -> jax.Array:
@@ -115,9 +108,7 @@ class SwinBlock(nn.Module):
         y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))  # zeros, as timm
         padded_h, padded_w = height + pad_h, width + pad_w
         windows = window_partition(y, window)  # [B * nW, N, C]
-        buffers = train and WINDOW_BUFFERS and jax.default_backend() == "cpu"
-        if buffers:
-            windows = value_computed_once(windows)
+        windows = windows_in(windows, train=train)
         mask = None
         if any(shift):
             mask = shift_mask(padded_h, padded_w, window, shift)  # [nW, N, N]
@@ -132,8 +123,7 @@ class SwinBlock(nn.Module):
             name="attn",
             **kw,
         )(windows, mask, window=window, train=train)
-        if buffers:
-            windows = gradient_computed_once(windows)
+        windows = windows_out(windows, train=train)
         y = window_reverse(windows, window, padded_h, padded_w)[:, :height, :width]
         if any(shift):
             y = jnp.roll(y, shift, axis=(1, 2))
@@ -159,8 +149,7 @@ class PatchMerging(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if WINDOW_BUFFERS:
-            x = block_input(x)
+        x = merge_input(x)
         batch, height, width, channels = x.shape
         x = jnp.pad(x, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)))
         height, width = x.shape[1], x.shape[2]
@@ -168,14 +157,13 @@ class PatchMerging(nn.Module):
         # Channel order (dx, dy, c) as the reference: x[0::2, 0::2], x[1::2, 0::2], ...
         x = x.transpose(0, 1, 3, 4, 2, 5).reshape(batch, height // 2, width // 2, 4 * channels)
         x = layer_norm(1e-5, name="norm", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return nn.Dense(
+        return dense(
             self.out_features,
             use_bias=False,
             kernel_init=dense_init,
             name="reduction",
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            dot_general=dense_dot_general,  # 4C -> 2C: a narrowing layer
         )(x)
 
 
@@ -273,7 +261,7 @@ def swin_from_timm(state_dict: dict[str, np.ndarray], model: SwinTransformer) ->
     `layers.1.downsample.*` -> `layers_1_downsample/*`, `head.fc` -> `head`. Buffers of older
     checkpoints (relative_position_index, attn_mask) are dropped: they are recomputed.
     """
-    from zoo.models.pretrained import torch_to_flax
+    from zoo.models.weights import torch_to_flax
 
     def rename(key, value):
         if key.endswith(("relative_position_index", "attn_mask")):
@@ -304,15 +292,9 @@ def _register(name: str, timm_tag: str, img_size: int = 224, **defaults):
         timm_name=f"{name}.{timm_tag}",
     )
     defaults = dict(img_size=img_size, **defaults)
-
-    def factory(**kw) -> SwinTransformer:
-        return SwinTransformer(**{**defaults, **kw})
-
-    factory.__name__ = name
-    factory.__doc__ = (
-        f"{name}: SwinTransformer({', '.join(f'{k}={v}' for k, v in defaults.items())})"
+    register_variant(
+        name, SwinTransformer, defaults, pretrained=pretrained, from_timm=swin_from_timm
     )
-    register_model(factory, pretrained=pretrained, from_timm=swin_from_timm, head=("head",))
 
 
 _register("swin_tiny_patch4_window7_224", "ms_in1k", depths=(2, 2, 6, 2))

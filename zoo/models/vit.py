@@ -15,7 +15,7 @@ so 224-pixel weights run at 384 with timm's logits. Building the model with `img
 instead resizes the embedding once when the weights are converted.
 
 Submodules are named after timm's state_dict keys (`blocks_3.attn.qkv` <-> `blocks.3.attn.qkv`),
-so `vit_from_timm` is the generic rename of `zoo.models.pretrained.torch_to_flax`.
+so `vit_from_timm` is the generic rename of `zoo.models.weights.torch_to_flax`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zoo.models.catalog import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INCEPTION_MEAN,
-    INCEPTION_STD,
-    PretrainedConfig,
-    register_model,
-)
+from zoo.models.attention import Attention
 from zoo.models.layers import (
-    Attention,
     Dropout,
     DropPath,
     LayerScale,
@@ -46,7 +38,15 @@ from zoo.models.layers import (
     block_input,
     check_patch_size,
     dense_init,
-    layer_norm,
+)
+from zoo.models.norms import layer_norm
+from zoo.models.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    PretrainedConfig,
+    register_variant,
 )
 
 
@@ -264,7 +264,7 @@ def vit_from_timm(state_dict: dict[str, np.ndarray], model: VisionTransformer) -
     A generic rename (see `torch_to_flax`); `pos_embed` is resized when `model.img_size` lays
     out another grid than the weights (e.g. 224 weights into a model built for 384).
     """
-    from zoo.models.pretrained import torch_to_flax
+    from zoo.models.weights import torch_to_flax
 
     def rename(key, value):
         if key == "pos_embed" and model.pos_embed == "learn":
@@ -303,16 +303,15 @@ def _register(name: str, timm_tag: str, size: str, patch_size: int, **defaults):
         license="apache-2.0",
         timm_name=f"{name}.{timm_tag}",
     )
-
-    def factory(**kw) -> VisionTransformer:
-        return VisionTransformer(**{**defaults, **kw})
-
-    factory.__name__ = name
-    factory.__doc__ = (
-        f"{name}: VisionTransformer({', '.join(f'{k}={v}' for k, v in defaults.items())})"
-    )
     head = ("head", "head_dist") if defaults.get("distilled") else ("head",)
-    register_model(factory, pretrained=pretrained, from_timm=vit_from_timm, head=head)
+    register_variant(
+        name,
+        VisionTransformer,
+        defaults,
+        pretrained=pretrained,
+        from_timm=vit_from_timm,
+        head=head,
+    )
 
 
 _register("vit_tiny_patch16_224", "augreg_in21k_ft_in1k", "tiny", 16)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pathlib
 import shutil
 import sys
@@ -30,7 +31,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from zoo.training.state import TrainState
 
@@ -45,6 +45,41 @@ def latest_checkpoint(workdir: str | pathlib.Path) -> pathlib.Path | None:
     steps = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
     steps = [s for s in steps if (checkpoints / str(s) / "state").is_dir()]
     return checkpoints / str(max(steps)) / "state" if steps else None
+
+
+def stored_arrays(checkpoint: pathlib.Path) -> Any:
+    """The tree of a checkpoint's array metadata (`.shape`, `.dtype`), read without the arrays."""
+    import orbax.checkpoint as ocp
+
+    # orbax logs that an item of a composite checkpoint has no step metadata of its own: noise
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return ocp.PyTreeCheckpointer().metadata(checkpoint.absolute()).item_metadata.tree
+    finally:
+        absl_logger.setLevel(level)
+
+
+def restore_on_this_host(checkpoint: pathlib.Path, items: tuple[str, ...] | None = None) -> Any:
+    """A checkpoint's arrays (all, or only its top-level `items`), whole, on this process's
+    first device, whatever devices and processes wrote it (without a target, orbax would want
+    the writers' topology). Fine-tuning (`init_from`) and `zoo.load_classifier` read with it."""
+    import orbax.checkpoint as ocp
+
+    stored = stored_arrays(checkpoint)
+    if items is not None:
+        stored = {key: stored[key] for key in items if key in stored}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
+    return ocp.PyTreeCheckpointer().restore(
+        checkpoint.absolute(),
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=items is not None,
+        ),
+    )
 
 
 def state_digest(state: Any) -> str:
@@ -75,6 +110,8 @@ class Checkpointer:
     ITEMS = ("state", "data", "config", "digest")
 
     def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp  # here, not at import: zoo.inference imports this module
+
         self.workdir = pathlib.Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         partial = sorted(p.name for p in self.directory.glob("*.orbax-checkpoint-tmp*"))
@@ -100,6 +137,8 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, data_iterator: Any, config: Any) -> None:
         """Saves asynchronously; the data position and the digest are taken now, at the call."""
+        import orbax.checkpoint as ocp
+
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -118,6 +157,8 @@ class Checkpointer:
           CheckpointError: there are checkpoints but none can be restored.
           ValueError: the latest usable checkpoint was written by another number of processes.
         """
+        import orbax.checkpoint as ocp
+
         steps = sorted(self.manager.all_steps(), reverse=True)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         problems: list[str] = []
@@ -152,6 +193,8 @@ class Checkpointer:
         return None
 
     def _restore_step(self, step: int, abstract: Any, data_iterator: Any, config: Any) -> Any:
+        import orbax.checkpoint as ocp
+
         has_digest = (self.directory / str(step) / "digest").is_dir()  # older zoo: none
         args = dict(
             state=ocp.args.StandardRestore(abstract),

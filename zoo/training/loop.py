@@ -12,27 +12,26 @@ import logging
 import math
 import pathlib
 import time
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from zoo import backend
+from zoo import cpu
 from zoo.data import pipeline
 from zoo.data.augment import augment_from_config, image_keys, make_augment
-from zoo.data.datasets import get_dataset
+from zoo.data.datasets import dataset_from_config
 from zoo.data.transforms import build_ops
 from zoo.methods import METHODS
 from zoo.methods.base import View
 from zoo.models import MODELS, check_input_size, create_model, model_entry
-from zoo.models.catalog import config_overrides
-from zoo.models.pretrained import load_pretrained, load_state_dict
+from zoo.models.registry import config_overrides
 from zoo.training import metrics as metrics_lib
-from zoo.training.checkpoint import Checkpointer, CheckpointError, latest_checkpoint
+from zoo.training.checkpoint import Checkpointer, CheckpointError
+from zoo.training.config_checks import check_batch_layout, check_run_config
 from zoo.training.evaluate import evaluator_names, run_evaluators
+from zoo.training.init_from import load_init_from
 from zoo.training.optim import build_optimizer
 from zoo.training.preemption import StopSignals
 from zoo.training.state import TrainState
@@ -108,86 +107,6 @@ def format_metrics(results: dict[str, Any]) -> str:
     return text
 
 
-def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, list[str]]:
-    """(params, model_state, re-initialised head paths) to start fine-tuning from.
-
-    `config.init_from` is a zoo workdir (its latest checkpoint, any number of classes) or a
-    weights file that `zoo.load_pretrained` reads (timm/torchvision .safetensors/.pth/.npz,
-    converted by `config.init_from_model`'s converter, default `config.model.name`; a ViT's
-    position embedding is resized to the model's `img_size`). When the classifier head (the
-    model's registered `head` parameters) has another number of classes, it keeps its fresh
-    initialisation (from a workdir) or starts at zeros (from a weights file, as
-    `load_pretrained` does), and is listed as re-initialised; any other parameter that is
-    missing or has another shape is an error naming it.
-    """
-    source = pathlib.Path(config.init_from).expanduser()
-    head = model_entry(config.model.name).head
-    zero_filled: list[str] = []  # head parameters a weights file's loader set to zeros
-    if source.is_dir():
-        checkpoint = latest_checkpoint(source)
-        if checkpoint is None:
-            raise FileNotFoundError(
-                f"init_from={source} is a folder without checkpoints/<step>/; give a zoo "
-                "workdir that has trained, or a weights file"
-            )
-        loaded = ssl_backbone(restore_on_this_host(checkpoint))
-    elif source.is_file():
-        model_name = config.init_from_model or config.model.name
-        state_dict = load_state_dict(source)
-        with warnings.catch_warnings():  # `run` names the re-initialised head instead
-            warnings.simplefilter("ignore", UserWarning)
-            loaded = load_pretrained(model, state_dict, model_name=model_name)
-        # load_pretrained zero-fills a head whose number of classes differs (uniform
-        # predictions at the start, as big_vision fine-tunes); report it as re-initialised.
-        own = traverse_util.flatten_dict(model_entry(model_name).from_timm(state_dict, model))
-        zero_filled = [
-            "/".join(path)
-            for path, value in traverse_util.flatten_dict(loaded).items()
-            if path[0] == "params"
-            and path[1] in head
-            and getattr(own.get(path), "shape", None) != value.shape
-        ]
-    else:
-        raise FileNotFoundError(f"init_from={source} is neither a zoo workdir nor a file")
-    fresh = traverse_util.flatten_dict({"params": state.params, **state.model_state})
-    loaded = traverse_util.flatten_dict(jax.device_get(loaded))
-    merged, reinit, problems = {}, [], []
-    for path, value in fresh.items():
-        is_head = path[0] == "params" and path[1] in head
-        if path in loaded and loaded[path].shape == value.shape:
-            merged[path] = jnp.asarray(loaded[path], value.dtype)
-        elif is_head:
-            merged[path] = value
-            reinit.append("/".join(path))
-        else:
-            got = loaded[path].shape if path in loaded else "missing"
-            problems.append(f"{'/'.join(path)}: {got} in init_from, {value.shape} in the model")
-    if problems:
-        raise ValueError(
-            f"init_from={source} does not fit model '{config.model.name}':\n  "
-            + "\n  ".join(problems)
-        )
-    variables = traverse_util.unflatten_dict(merged)
-    return variables.pop("params"), variables, reinit + zero_filled
-
-
-def restore_on_this_host(checkpoint: pathlib.Path) -> Any:
-    """A checkpoint's arrays, whole, on this process's first device: whatever devices and
-    processes wrote it (without a target, orbax would want the writers' topology)."""
-    import orbax.checkpoint as ocp
-
-    checkpointer = ocp.PyTreeCheckpointer()
-    stored = checkpointer.metadata(checkpoint.absolute()).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
-    return checkpointer.restore(
-        checkpoint.absolute(),
-        args=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
-        ),
-    )
-
-
 def is_nonfinite(metrics: dict[str, Any]) -> bool:
     """Whether a step's loss or gradient norm (host values) is NaN or infinite."""
     return not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
@@ -247,22 +166,6 @@ class NonFiniteGuard:
         return means
 
 
-def ssl_backbone(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """{"params", <collections>} of a restored train state; for a self-supervised run's state
-    (params {"backbone": ..., heads...}), its backbone's: the EMA teacher's where the method
-    evaluates the teacher (DINO), else the trained network's."""
-    params, model_state = checkpoint["params"], checkpoint["model_state"]
-    if "backbone" not in params:
-        return {"params": params, **model_state}
-    extra = checkpoint.get("extra") or {}
-    if "teacher" in extra:
-        params, model_state = extra["teacher"], extra["teacher_state"]
-    return {
-        "params": params["backbone"],
-        **{c: v["backbone"] for c, v in model_state.items() if "backbone" in v},
-    }
-
-
 def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
     """(steps_per_epoch, total_steps) from `total_steps` or `num_epochs`."""
     steps_per_epoch = max(train_size // config.data.batch_size, 1)
@@ -285,10 +188,11 @@ def init_state(method, tx, example_batch, augment, rng, mesh) -> TrainState:
             extra=extra,
         )
 
-    # Runs once: compiled for compile time (same parameters, `backend.once_compiler_options`).
-    return jax.jit(
-        init, out_shardings=replicated, compiler_options=backend.once_compiler_options()
-    )(rng)
+    # Runs once: compiled for compile time (same parameters, `cpu.once_compiler_options`).
+    devices = mesh.devices.ravel().tolist()
+    options = cpu.once_compiler_options(devices[0].platform)
+    init = cpu.traced(init, cpu.policy_for(devices))
+    return jax.jit(init, out_shardings=replicated, compiler_options=options)(rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,71 +270,6 @@ def build(config: Any, spec: Any, mesh: Any) -> Parts:
     )
 
 
-def check_batch_layout(config: Any, num_devices: int) -> None:
-    """`data.batch_size` against the devices and `optim.grad_accum_steps` (each device's
-    share is cut into that many micro-batches): a ValueError naming the numbers and the fix,
-    before anything is built. (Evaluation pads its batches to fit any device count.)"""
-    steps, batch = config.optim.grad_accum_steps, config.data.batch_size
-    if steps < 1:
-        raise ValueError(f"optim.grad_accum_steps must be >= 1 (1 = off), got {steps}")
-    unit = num_devices * steps
-    if batch % unit:
-        what = f"{num_devices} device(s)" + (
-            f" x optim.grad_accum_steps={steps}" if steps > 1 else ""
-        )
-        below, above = batch // unit * unit, (batch // unit + 1) * unit
-        fits = f"{below} or {above}" if below else str(above)
-        raise ValueError(
-            f"data.batch_size={batch} does not divide over the {what} ({unit}): set "
-            f"data.batch_size to a multiple of {unit}, e.g. {fits}"
-            + (", or change optim.grad_accum_steps" if steps > 1 else "")
-        )
-
-
-def check_run_config(config: Any, workdir: pathlib.Path) -> None:
-    """The keys `run` itself reads (lengths, intervals, batch sizes, `init_from`), checked
-    before anything is built; the builders check theirs (`build`). ValueError or
-    FileNotFoundError naming the key, the value and the fix."""
-    positive = {
-        "data.batch_size": "the global batch over all devices, e.g. 128",
-        "data.eval_batch_size": "e.g. 500",
-        "checkpoint.every_steps": "steps between checkpoints, e.g. 500",
-        "checkpoint.keep": "checkpoints kept, e.g. 3",
-        "logging.every_steps": "steps between train metrics, e.g. 50",
-    }
-    for key, meaning in positive.items():
-        section, field = key.split(".")
-        if config[section][field] <= 0:
-            raise ValueError(f"{key} must be > 0 ({meaning}), got {config[section][field]}")
-    if config.evals.every_steps < 0:
-        raise ValueError(
-            f"evals.every_steps must be >= 0 (0 = once per epoch), got {config.evals.every_steps}"
-        )
-    if config.total_steps < 0 or (config.total_steps == 0 and config.num_epochs <= 0):
-        raise ValueError(
-            f"total_steps={config.total_steps}, num_epochs={config.num_epochs}: set "
-            "total_steps > 0, or total_steps=0 and num_epochs > 0"
-        )
-    try:
-        if config.init_from_model:
-            MODELS.get(config.init_from_model)
-    except ValueError as e:  # unknown model 'x'; did you mean: ...
-        raise ValueError(f"init_from_model: {e}") from None
-    source = pathlib.Path(config.init_from).expanduser()
-    if config.init_from and latest_checkpoint(workdir) is None:  # else it resumes instead
-        if not source.exists():
-            raise FileNotFoundError(
-                f"init_from={config.init_from} is neither a zoo workdir nor a file (it does not "
-                "exist): give a zoo workdir or a weights file (.safetensors, .pth, .npz), or "
-                "unset init_from to train from scratch"
-            )
-        if source.is_dir() and latest_checkpoint(source) is None:
-            raise FileNotFoundError(
-                f"init_from={source} is a folder without checkpoints/<step>/; give a zoo "
-                "workdir that has trained, or a weights file"
-            )
-
-
 def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains and evaluates as `config` says; returns the final eval metrics."""
     workdir = pathlib.Path(workdir)
@@ -439,7 +278,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     Parallel(mesh, config.parallel.mode)  # an unknown mode fails before anything is read
     check_batch_layout(config, mesh.size)
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = get_dataset(config.data.name, config.data)
+    spec = dataset_from_config(config.data)
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     chief = jax.process_index() == 0  # prints, metric files and plots
 
@@ -615,7 +454,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
                 / max(train_seconds - eval_seconds - (compile_seconds or 0.0), 1e-9),
                 1,
             ),
-            "freed_memory_kept": backend.freed_memory_kept,  # zoo's allocator settings in effect
+            "freed_memory_kept": cpu.allocator.kept,  # zoo's allocator settings in effect
             "skipped_nonfinite_updates": guard.total,  # this invocation's (optim.skip_nonfinite)
         }
         if chief:

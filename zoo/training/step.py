@@ -11,7 +11,8 @@ Statics are bound with `functools.partial` and the body is compiled in one of tw
     metrics, BatchNorm statistics through the models' `axis_name`, all_gather of SimCLR's
     negatives, psum of eval sums); the state carries a leading device axis.
 
-Both give the same numbers as one device (tests/test_parallel.py).
+Both give the same numbers as one device (tests/test_parallel.py). On CPU devices the
+programs are traced with zoo's CPU policy for those devices (`zoo.cpu.policy_for`).
 
     parallel = Parallel(make_mesh(), "pmap")
     step = parallel.compile_train_step(method=method, tx=tx, augment=augment, schedule=schedule)
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from zoo import backend, parallel
+from zoo import cpu, parallel
 from zoo.parallel import DATA_AXIS
 from zoo.training.state import TrainState
 
@@ -171,11 +172,18 @@ def shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
     return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def compile_train_step(mesh: Mesh, **statics):
-    """The train step under `jax.jit` over `mesh` (state donated)."""
+def _traced(fn, mesh: Mesh, policy: cpu.CpuPolicy | None = None):
+    """fn traced with `policy` (default: the process's) where `mesh`'s devices are CPUs, with
+    XLA's native operations elsewhere (zoo.cpu.policy_for)."""
+    return cpu.traced(fn, cpu.policy_for(mesh.devices.ravel().tolist(), policy))
+
+
+def compile_train_step(mesh: Mesh, policy: cpu.CpuPolicy | None = None, **statics):
+    """The train step under `jax.jit` over `mesh` (state donated), traced with the CPU
+    `policy` (default: the process's) on CPU devices."""
     replicated, data = shardings(mesh)
     return jax.jit(
-        functools.partial(train_step, shards=mesh.size, **statics),
+        _traced(functools.partial(train_step, shards=mesh.size, **statics), mesh, policy),
         in_shardings=(replicated, data, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
@@ -186,11 +194,12 @@ def compile_eval_step(mesh: Mesh, **statics):
     """The eval step under `jax.jit` over `mesh`."""
     replicated, data = shardings(mesh)
     features = statics.get("output") == "features"
+    platform = mesh.devices.ravel()[0].platform
     return jax.jit(
-        functools.partial(eval_step, **statics),
+        _traced(functools.partial(eval_step, **statics), mesh),
         in_shardings=(replicated, data),
         out_shardings=data if features else replicated,
-        compiler_options=backend.forward_compiler_options(),  # XLA:CPU fusions for a forward
+        compiler_options=cpu.forward_compiler_options(platform),  # XLA:CPU's for a forward
     )
 
 
@@ -232,6 +241,7 @@ class Parallel:
     def _pmap(self, fn, **kwargs):
         devices = self.mesh.devices.tolist()
         devices = None if len(devices) == jax.device_count() else devices  # None: all of them
+        fn = _traced(fn, self.mesh)
         return jax.pmap(fn, axis_name=DATA_AXIS, devices=devices, **kwargs)
 
     def compile_train_step(self, **statics):

@@ -77,6 +77,33 @@ def register_model(
     return add if fn is None else add(fn)
 
 
+def register_variant(
+    name: str,
+    module: type[nn.Module],
+    defaults: dict[str, Any],
+    *,
+    pretrained: PretrainedConfig | None,
+    from_timm: Callable[..., dict[str, Any]] | None,
+    head: tuple[str, ...] = ("head",),
+) -> Callable[..., nn.Module]:
+    """Registers `name` as `module(**defaults)`: a factory whose keyword arguments override
+    the defaults (`create_model(name, num_classes=10)`), documented by its defaults.
+
+    Each family registers its variants with it, e.g.
+    `register_variant("resnet50", ResNet, dict(stage_sizes=(3, 4, 6, 3)), pretrained=...,
+    from_timm=resnet_from_timm, head=("fc",))`.
+    """
+
+    def factory(**kw) -> nn.Module:
+        return module(**{**defaults, **kw})
+
+    factory.__name__ = name
+    factory.__doc__ = (
+        f"{name}: {module.__name__}({', '.join(f'{k}={v}' for k, v in defaults.items())})"
+    )
+    return register_model(factory, pretrained=pretrained, from_timm=from_timm, head=head)
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds a registered model, e.g. `create_model("resnet50", num_classes=10)`.
 

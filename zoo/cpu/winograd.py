@@ -4,12 +4,13 @@ output tile from the 4x4 input tile around it. The input tiles (B^T d B) and the
 (G g G^T) are transformed with adds, subtracts and halvings, multiplied as 16 matmuls
 [tiles, I] @ [I, O], and transformed back (A^T m A): 16 instead of 36 multiplies per tile and
 channel pair. Results differ from the direct sum by float32 round-off (relative 1e-6,
-tests/test_conv.py).
+tests/test_cpu.py).
 
-`zoo.models.conv.conv2d` routes 3x3 convolutions at stride 1 with >= 64 channels here on CPU
-(`conv.WINOGRAD`, measurements there); it is also usable directly:
+`zoo.cpu.conv.conv2d` routes 3x3 convolutions at stride 1 with enough channels here
+(`CpuPolicy.winograd`; it trains resnet18-CIFAR and resnet50 1.1-1.2x faster and compiles
+them 2-4x slower, benchmarks/SPEED.md, "CPU policy fields"). Usable directly:
 
-    y = winograd_with_vjp(x, kernel)  # x [B, H, W, I], kernel [3, 3, I, O] (HWIO), float32
+    y = winograd_conv3x3(x, kernel)  # x [B, H, W, I], kernel [3, 3, I, O] (HWIO), float32
 """
 
 from __future__ import annotations
@@ -18,21 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from zoo import backend
-
-# The forward pass keeps x for the backward pass as one buffer, which it reads itself, so that
-# XLA does not fuse x's producers (BatchNorm, ReLU, residual adds) into the backward's
-# transforms and recompute them there (as `conv.ONE_BUFFER_CONV_INPUT` for XLA's convolution).
-# resnet18-CIFAR's train step at batch 128 without it: 0.944x per round (6 rounds, 5 slower).
-ONE_BUFFER_INPUT = True  # False (before tracing): leave the fusion to XLA
-
-# The backward pass reads the output gradient 32 times (16 planes of the input gradient's
-# transform, 16 of the kernel gradient's), and XLA:CPU fused the gradient's producer (the
-# following BatchNorm's backward, 10 operands) into each of those reads and recomputed it
-# there. So the gradient is computed into one buffer first (`backend.one_buffer`). Train step
-# per round against without (2-core Zen5): resnet18-CIFAR at batch 128 1.09x, resnet50 at 16
-# 1.05x (6 rounds each).
-ONE_BUFFER_GRADIENT = True  # False (before tracing): leave the fusion to XLA
+from zoo.cpu.buffers import one_buffer, transposed_buffer
 
 
 def _tile_input(d):
@@ -137,8 +124,12 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _winograd(x, winograd_kernels(kernel))
 
 
-def _winograd_forward(x, kernel):
-    x = backend.one_buffer(x) if ONE_BUFFER_INPUT else x
+def _winograd_with_policy(x, kernel, policy):
+    return winograd_conv3x3(x, kernel)
+
+
+def _winograd_forward(x, kernel, policy):
+    x = one_buffer(x) if policy.winograd_input_buffer else x
     u = winograd_kernels(kernel)
     return _winograd(x, u), (x, u)
 
@@ -152,23 +143,26 @@ _FLIPPED_TILE = [
 ]
 
 
-def _winograd_backward(residuals, grad):
+def _winograd_backward(policy, residuals, grad):
     """Input gradient: the Winograd convolution of the output gradient with the kernel flipped
     and its channels swapped (the forward's transformed kernels, reordered, used transposed);
     kernel gradient: G^T (sum over tiles of the transformed input x the transposed output
     transform of grad) G, 16 matmuls whose contracted (tile) dimension is the leading one of
-    both, so one operand is written transposed first (as `conv.matmul_with_vjp` does)."""
+    both, so one operand is written transposed first (as zoo/cpu/matmul.py does)."""
     x, u = residuals
     grad = grad.astype(x.dtype)
-    grad = backend.one_buffer(grad) if ONE_BUFFER_GRADIENT else grad
+    grad = one_buffer(grad) if policy.winograd_gradient_buffer else grad
     grad_x = _winograd(grad, [u[t] for t in _FLIPPED_TILE], transposed=True)
     v, m = winograd_inputs(x), winograd_outputs_transposed(grad)
     cin, cout = u[0].shape
     grad_u = [
-        backend.transposed_buffer(v[i].reshape(-1, cin)) @ m[i].reshape(-1, cout) for i in range(16)
+        transposed_buffer(v[i].reshape(-1, cin), policy.transpose_in_branches)
+        @ m[i].reshape(-1, cout)
+        for i in range(16)
     ]
     return grad_x, winograd_kernels_transposed(grad_u).astype(u[0].dtype)
 
 
-winograd_with_vjp = jax.custom_vjp(winograd_conv3x3)
+# The policy is static (hashable): nondiff_argnums.
+winograd_with_vjp = jax.custom_vjp(_winograd_with_policy, nondiff_argnums=(2,))
 winograd_with_vjp.defvjp(_winograd_forward, _winograd_backward)

@@ -1,5 +1,6 @@
-"""zoo.backend: the XLA:CPU flags zoo appends at import, in fresh processes (XLA reads its
-flags once, when the backend starts)."""
+"""zoo.cpu: the XLA:CPU flags zoo appends at import, in fresh processes (XLA reads its flags
+once, when the backend starts); the compiler options of forward and run-once programs; the
+CPU policy: chosen per program, fixed per process, off the CPU for other devices."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo import backend
+from zoo import cpu
+from zoo.cpu import CpuPolicy, allocator, buffers, flags
 
 PROBE = """
 import json, os, warnings
@@ -22,11 +24,11 @@ warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
     import zoo
 import jax
-from zoo import backend
+from zoo import cpu
 print("RESULT " + json.dumps({{
     "flags": os.environ.get("XLA_FLAGS", ""),
     "devices": jax.device_count(),
-    "ynn_convolutions": backend.ynn_convolutions(),
+    "ynn_convolutions": cpu.default().ynn_convolutions,
     "warned": any("imported after JAX started" in str(w.message) for w in caught),
 }}))
 """
@@ -35,7 +37,7 @@ print("RESULT " + json.dumps({{
 def run_script(script: str, **env) -> dict:
     """Run `script` in a fresh process without the caller's XLA_FLAGS/opt-out (plus `env`);
     returns the JSON it prints after "RESULT "."""
-    dropped = ("XLA_FLAGS", backend.OPT_OUT, backend.KEEP_OPT_OUT)
+    dropped = ("XLA_FLAGS", flags.OPT_OUT, allocator.OPT_OUT)
     clean = {k: v for k, v in os.environ.items() if k not in dropped}
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -55,19 +57,19 @@ def probe(before: str = "", **env) -> dict:
 
 def test_appends_to_the_users_flags():
     out = probe(XLA_FLAGS="--xla_force_host_platform_device_count=3")
-    zoos = backend.cpu_flags(backend.cpu_vendor())
+    zoos = flags.cpu_flags(flags.cpu_vendor())
     assert out["flags"] == f"--xla_force_host_platform_device_count=3 {zoos}"
     assert out["devices"] == 3  # the user's flag still applies
     assert out["ynn_convolutions"] is False and not out["warned"]
 
 
 def test_the_users_own_setting_and_the_opt_out_are_kept():
-    own = f"{backend.YNN_FLAG}=individual_dot,individual_convolution"
+    own = f"{flags.YNN_FLAG}=individual_dot,individual_convolution"
     out = probe(XLA_FLAGS=own)
     assert out["flags"] == own and out["ynn_convolutions"] is True
-    out = probe(**{backend.OPT_OUT: "0"})
+    out = probe(**{flags.OPT_OUT: "0"})
     assert out["flags"] == "" and out["ynn_convolutions"] is True  # jaxlib's default
-    own = f"{backend.ONEDNN_FLAG}=individual_dot"  # a oneDNN setting of theirs, too
+    own = f"{flags.ONEDNN_FLAG}=individual_dot"  # a oneDNN setting of theirs, too
     assert probe(XLA_FLAGS=own)["flags"] == own
 
 
@@ -78,14 +80,14 @@ def test_late_import_warns_and_changes_nothing():
 
 def test_matmul_library_by_cpu_vendor():
     # Intel: matmuls to oneDNN, reductions to YNNPACK; elsewhere both to YNNPACK
-    intel = backend.cpu_flags("GenuineIntel").split()
+    intel = flags.cpu_flags("GenuineIntel").split()
     assert intel == [
-        f"{backend.YNN_FLAG}=reduce",
+        f"{flags.YNN_FLAG}=reduce",
         "--xla_cpu_use_onednn=true",
-        f"{backend.ONEDNN_FLAG}=individual_dot",
+        f"{flags.ONEDNN_FLAG}=individual_dot",
     ]
     for vendor in ("AuthenticAMD", ""):
-        assert backend.cpu_flags(vendor) == f"{backend.YNN_FLAG}=individual_dot,reduce"
+        assert flags.cpu_flags(vendor) == f"{flags.YNN_FLAG}=individual_dot,reduce"
 
 
 ONEDNN_PROBE = """
@@ -120,7 +122,7 @@ print("RESULT " + json.dumps({
 def test_onednn_matmuls_equal_xlas():
     # zoo's Intel flags, in a process on any x86-64 CPU: the dots of a dense layer and of
     # attention, forward and backward, run in oneDNN and equal XLA's own to float32 round-off
-    out = run_script(ONEDNN_PROBE, XLA_FLAGS=backend.cpu_flags("GenuineIntel"))
+    out = run_script(ONEDNN_PROBE, XLA_FLAGS=flags.cpu_flags("GenuineIntel"))
     assert out["onednn_fusions"] >= 6 and out["plain_fusions"] == 0, out
     np.testing.assert_allclose(*out["value"], rtol=1e-5)
     assert out["grad_error"] < 1e-5, out
@@ -128,33 +130,33 @@ def test_onednn_matmuls_equal_xlas():
 
 def test_forward_matmuls_by_cpu_vendor():
     for vendor in ("GenuineIntel", "AuthenticAMD"):  # oneDNN has the matmuls
-        assert backend.forward_matmuls_in_onednn(vendor)
-        assert backend.forward_ynn_fusion_type(vendor) == ""
-    assert not backend.matmuls_in_onednn("AuthenticAMD")  # but not the train steps'
-    assert not backend.forward_matmuls_in_onednn("")  # elsewhere (aarch64) YNNPACK has them
-    assert backend.forward_ynn_fusion_type("") == backend.FORWARD_YNN_FUSION_TYPE
-    vendor = backend.cpu_vendor()
+        assert flags.forward_matmuls_in_onednn(vendor)
+        assert flags.forward_ynn_fusion_type(vendor) == ""
+    assert not flags.matmuls_in_onednn("AuthenticAMD")  # but not the train steps'
+    assert not flags.forward_matmuls_in_onednn("")  # elsewhere (aarch64) YNNPACK has them
+    assert flags.forward_ynn_fusion_type("") == flags.FORWARD_YNN_FUSION_TYPE
+    vendor = flags.cpu_vendor()
     if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
         assert vendor.isalpha() and len(vendor) == 12  # cpuid's 12-character vendor string
 
 
 @pytest.mark.parametrize(
-    "flags, types",
+    "xla_flags, types",
     [
         ("", {"individual_dot", "individual_convolution", "reduce"}),
-        (f"--a=1 {backend.YNN_FLAG}=individual_dot", {"individual_dot"}),
-        (f"{backend.YNN_FLAG}=dot {backend.YNN_FLAG}=", set()),  # the last one wins
+        (f"--a=1 {flags.YNN_FLAG}=individual_dot", {"individual_dot"}),
+        (f"{flags.YNN_FLAG}=dot {flags.YNN_FLAG}=", set()),  # the last one wins
     ],
 )
-def test_fusion_types_parsed(monkeypatch, flags, types):
-    monkeypatch.setenv("XLA_FLAGS", flags)
-    assert backend.ynn_fusion_types() == types
+def test_fusion_types_parsed(monkeypatch, xla_flags, types):
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+    assert flags.ynn_fusion_types() == types
 
 
 FORWARD_PROBE = """
 import json, re
 import zoo, jax, jax.numpy as jnp
-from zoo import backend
+from zoo.cpu import flags
 
 def layer_norm_dense(x, w):  # a reduction (LayerNorm) feeding a matmul
     x = (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6)
@@ -177,12 +179,12 @@ def windowed_reductions(options):  # over 384 features, as vit_small's LayerNorm
     hlo = jax.jit(layer_norm_dense, compiler_options=options).lower(*args).compile().as_text()
     return hlo.count("reduce-window(")
 
-options = backend.forward_compiler_options()
+options = flags.forward_compiler_options("cpu")
 print("RESULT " + json.dumps({
     "options": options,
     "default": reductions_in_ynnpack({}),
     "forward": reductions_in_ynnpack(options),
-    "windows_left_in": windowed_reductions({backend.YNN_OPTION: backend.FORWARD_YNN_FUSION_TYPE}),
+    "windows_left_in": windowed_reductions({flags.YNN_OPTION: flags.FORWARD_YNN_FUSION_TYPE}),
     "forward_windows": windowed_reductions(options),
     "onednn_default": onednn_matmuls({}),
     "onednn_forward": onednn_matmuls(options),
@@ -198,84 +200,46 @@ def test_forward_programs_keep_reductions_out_of_ynnpack():
     # zoo's flag: training programs hand reductions (here the LayerNorm's) to YNNPACK, zoo's
     # forward-only programs (compiled with forward_compiler_options) leave them to XLA.
     out = forward_probe()
-    vendor = backend.cpu_vendor()
-    forward_type = backend.forward_ynn_fusion_type(vendor)
-    onednn = backend.ONEDNN_OPTIONS if backend.forward_matmuls_in_onednn(vendor) else {}
+    vendor = flags.cpu_vendor()
+    forward_type = flags.forward_ynn_fusion_type(vendor)
+    onednn = flags.ONEDNN_OPTIONS if flags.forward_matmuls_in_onednn(vendor) else {}
     assert out["options"] == {
-        backend.YNN_OPTION: forward_type,
+        flags.YNN_OPTION: forward_type,
         **onednn,
-        backend.DISABLE_PASSES_OPTION: backend.FORWARD_DISABLED_PASSES,
+        flags.DISABLE_PASSES_OPTION: flags.FORWARD_DISABLED_PASSES,
     }
     assert out["default"] >= 1 and out["forward"] == 0
     # the matmul in oneDNN on Intel and AMD CPUs: in every program on Intel's, in forward
     # programs only on AMD's
     assert out["onednn_forward"] == (1 if onednn else 0), out
-    assert out["onednn_default"] == (1 if backend.matmuls_in_onednn(vendor) else 0), out
+    assert out["onednn_default"] == (1 if flags.matmuls_in_onednn(vendor) else 0), out
     # and their reductions are single passes, not sums over windows of 32 and then of those
     assert out["windows_left_in"] >= 1 and out["forward_windows"] == 0
     # passes the user disables themselves are left alone
     theirs = forward_probe(XLA_FLAGS="--xla_disable_hlo_passes=algsimp")["options"]
-    assert theirs == {backend.YNN_OPTION: forward_type, **onednn}
+    assert theirs == {flags.YNN_OPTION: forward_type, **onednn}
     # the opt-out and a user's own flag: no per-program options, the process setting rules
-    assert forward_probe(**{backend.OPT_OUT: "0"})["options"] == {}
-    own = forward_probe(XLA_FLAGS=f"{backend.YNN_FLAG}=individual_dot,individual_convolution")
+    assert forward_probe(**{flags.OPT_OUT: "0"})["options"] == {}
+    own = forward_probe(XLA_FLAGS=f"{flags.YNN_FLAG}=individual_dot,individual_convolution")
     assert own["options"] == {}
 
 
-FAULT_PROBE = """
-import ctypes, json, resource
-import zoo
-from zoo import backend
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-size = 64 << 20  # a step's temporary block, as XLA:CPU mallocs and frees it every execution
-faults = []
-for _ in range(4):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(size)
-    libc.memset(block, 1, size)
-    libc.free(block)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print("RESULT " + json.dumps({"faults": faults, "kept": backend.freed_memory_kept}))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_freed_memory_is_reused_without_page_faults():
-    # Without zoo's allocator settings glibc maps each 64 MiB block afresh (above its largest
-    # dynamic mmap threshold, 32 MiB) and every 4 KiB page of it faults in again (16384); with
-    # them the freed block stays in the heap and the next one reuses it. This probes glibc
-    # directly: through XLA, other allocations between steps sometimes split the freed block
-    # and the heap grows instead (README, Speed: ~3x one block on a 2-core Zen4).
-    assert backend.keep_freed_memory() is True
-    kept = run_script(FAULT_PROBE)
-    assert kept["kept"] is True and max(kept["faults"][2:]) < 2000, kept
-    for opt_out in (backend.OPT_OUT, backend.KEEP_OPT_OUT):
-        plain = run_script(FAULT_PROBE, **{opt_out: "0"})
-        assert plain["kept"] is False and min(plain["faults"][2:]) > 8000, (opt_out, plain)
-
-
 @pytest.mark.parametrize("in_branches", [True, False])
-def test_transposed_buffer(monkeypatch, in_branches):
-    # the value is the transpose (of the last two axes), with and without the switch
+def test_transposed_buffer(in_branches):
+    # the value is the transpose (of the last two axes), with and without the policy's field
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    monkeypatch.setattr(backend, "TRANSPOSE_IN_BRANCHES", in_branches)
     x = jnp.arange(2 * 6 * 4, dtype=jnp.float32).reshape(2, 6, 4)
-    out = jax.jit(backend.transposed_buffer)(x)
+    out = jax.jit(lambda x: buffers.transposed_buffer(x, in_branches))(x)
     np.testing.assert_array_equal(out, np.swapaxes(np.asarray(x), 1, 2))
 
-    # What the switch is for (on CPU): the conditional takes the producer's result in its
+    # What the field is for (on CPU): the conditional takes the producer's result in its
     # plain [6, 4] layout; with the transpose outside the branches, XLA:CPU hands it the
     # transposed [4, 6] with a column-major layout ({0,1}), which the producer writes strided.
     def kernel_gradient(a):
-        return backend.transposed_buffer(a * 2.0) @ jnp.ones((6, 3))
+        return buffers.transposed_buffer(a * 2.0, in_branches) @ jnp.ones((6, 3))
 
     hlo = jax.jit(kernel_gradient).lower(x[0]).compile().as_text()
     conditional = next(line for line in hlo.splitlines() if " conditional(" in line)
@@ -292,11 +256,89 @@ def test_once_compiler_options_give_the_same_parameters(monkeypatch):
     def init(r):
         return model.init({"params": r}, jnp.zeros((2, 28, 28, 1)), train=False)
 
-    options = backend.once_compiler_options()
-    assert options == {"xla_backend_optimization_level": backend.ONCE_OPTIMIZATION_LEVEL}
+    options = flags.once_compiler_options("cpu")
+    assert options == {"xla_backend_optimization_level": flags.ONCE_OPTIMIZATION_LEVEL}
     once = jax.jit(init, compiler_options=options)(rng)
     default = jax.jit(init)(rng)
     for got, want in zip(jax.tree.leaves(once), jax.tree.leaves(default), strict=True):
         np.testing.assert_array_equal(got, want)
-    monkeypatch.setenv(backend.OPT_OUT, "0")
-    assert backend.once_compiler_options() == {}
+    assert flags.once_compiler_options("gpu") == flags.forward_compiler_options("gpu") == {}
+    monkeypatch.setenv(flags.OPT_OUT, "0")
+    assert flags.once_compiler_options("cpu") == {}
+
+
+def test_two_policies_in_one_process_compile_two_programs_equal_to_xlas():
+    # resnet8's train-mode gradient, traced with the default policy, with its convolution and
+    # norm routes changed, and with XLA's native operations (None: what GPU and TPU get)
+    model = zoo.create_model("resnet8", num_classes=10)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 1))
+    variables = model.init(jax.random.PRNGKey(1), x, train=False)
+    traces = []
+
+    def loss(params):
+        traces.append(cpu.current())
+        logits, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+    default = CpuPolicy()
+    other = CpuPolicy(
+        min_channels_for_winograd=16, batch_norm_vjp=False, pointwise_gradient_buffer=False
+    )
+    programs = {
+        name: jax.jit(cpu.traced(jax.value_and_grad(loss), policy))
+        for name, policy in (("default", default), ("other", other), ("native", None))
+    }
+    texts = {name: p.lower(variables["params"]).as_text() for name, p in programs.items()}
+    assert traces == [default, other, None]  # one trace each, each under its own policy
+    assert len(set(texts.values())) == 3
+    assert texts["other"].count("dot_general") > texts["default"].count("dot_general")  # Winograd
+    results = {name: p(variables["params"]) for name, p in programs.items()}
+    (native_value, native_grads) = results.pop("native")
+    for value, grads in results.values():
+        np.testing.assert_allclose(value, native_value, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(native_grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+class FakeDevice:
+    def __init__(self, platform):
+        self.platform = platform
+
+
+def test_policy_for_other_devices_is_xlas_own():
+    policy = CpuPolicy(winograd=False)
+    assert cpu.policy_for([FakeDevice("cpu")], policy) is policy
+    assert cpu.policy_for([FakeDevice("gpu")], policy) is None
+    assert cpu.policy_for([FakeDevice("tpu"), FakeDevice("tpu")]) is None
+    assert cpu.policy_for([FakeDevice("cpu"), FakeDevice("gpu")], policy) is None
+    sharded = cpu.policy_for([FakeDevice("cpu")] * 8, policy)  # attention slices would be cut
+    assert (sharded.attention_slices, sharded.attention_gradient_slices) == (1, 1)
+    assert not sharded.winograd
+    with pytest.raises(TypeError, match="CpuPolicy"), cpu.using("fast"):
+        pass
+
+
+DEFAULT_PROBE = """
+import json
+import jax, jax.numpy as jnp
+from zoo import cpu
+from zoo.cpu import CpuPolicy
+chosen = CpuPolicy.from_flags(winograd=False)
+cpu.set_default(chosen)  # before any trace: allowed
+seen = []
+jax.jit(lambda x: seen.append(cpu.current()) or x * 2)(jnp.ones(3))  # a trace reads it
+cpu.set_default(chosen)  # the same policy again: allowed
+try:
+    cpu.set_default(CpuPolicy.from_flags())
+    error = ""
+except RuntimeError as e:
+    error = str(e)
+print("RESULT " + json.dumps({"seen": seen[0] == chosen, "error": error}))
+"""
+
+
+def test_the_process_default_is_fixed_once_used():
+    out = run_script(DEFAULT_PROBE)
+    assert out["seen"] and "already used to trace a program" in out["error"], out

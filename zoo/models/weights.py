@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from zoo.models.catalog import MODELS, ModelEntry, create_model, model_entry
+from zoo.models.registry import MODELS, ModelEntry, create_model, model_entry
 
 log = logging.getLogger(__name__)
 
