@@ -44,7 +44,12 @@ from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax
+from zoo.cpu import allocator  # noqa: E402  (light: no JAX yet)
+
+if __name__ == "__main__":  # before numpy, JAX and PyTorch start threads (zoo/cpu/allocator.py)
+    allocator.keep_freed_memory()  # zoo as train.py runs large jobs; timm shares it
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -668,5 +673,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    cpu.keep_freed_memory()  # zoo as train.py runs large jobs, timm too (zoo/cpu/allocator.py)
     main()

@@ -271,7 +271,7 @@ def test_two_policies_in_one_process_compile_two_programs_equal_to_xlas():
     # resnet8's train-mode gradient, traced with the default policy, with its convolution and
     # norm routes changed, and with XLA's native operations (None: what GPU and TPU get)
     model = zoo.create_model("resnet8", num_classes=10)
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 28, 28, 1))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 1))
     variables = model.init(jax.random.PRNGKey(1), x, train=False)
     traces = []
 
