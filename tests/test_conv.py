@@ -50,8 +50,21 @@ def under(policy, fn):
     return jax.jit(cpu.traced(lambda *a: fn(*a), policy))
 
 
-@pytest.mark.parametrize("routing", ROUTINGS)
-@pytest.mark.parametrize("cin, cout, k, s, padding, groups, size", CASES)
+def routed_by_ynn_convolutions(case) -> bool:
+    """Whether `ynn_convolutions` changes the case's route: XLA's k x k convolutions (not a
+    matmul, depthwise or Winograd route) take the im2col kernel gradient under it."""
+    cin, cout, k, s, padding, groups, _ = case
+    patch = k == s and padding == "VALID"
+    winograd = k == 3 and s == 1 and min(cin, cout) >= 64
+    return groups == 1 and k > 1 and not patch and not winograd
+
+
+CASES_AND_ROUTINGS = [(*case, "xla-conv") for case in CASES] + [
+    (*case, "ynn-conv") for case in CASES if routed_by_ynn_convolutions(case)
+]
+
+
+@pytest.mark.parametrize("cin, cout, k, s, padding, groups, size, routing", CASES_AND_ROUTINGS)
 def test_conv_matches_flax(cin, cout, k, s, padding, groups, size, routing):
     policy = ROUTINGS[routing]
     use_bias = k != 3  # both settings over the cases, at half the compile time
