@@ -1,8 +1,8 @@
 """Softmax attention, with a hand-written gradient and batch slices on CPU.
 
 XLA:CPU computed the value and key gradients of JAX's own derivative (P^T dO, dS^T Q) as
-batched matmuls with a transposed left operand, which YNNPACK refuses and Eigen ran at a few
-GFLOP/s at window shapes; the hand-written gradient writes those operands out transposed
+batched matmuls with a transposed left operand, which YNNPACK refuses and Eigen runs slowly
+at window shapes; the hand-written gradient writes those operands out transposed
 (`CpuPolicy.attention_vjp`) and returns the stacked qkv's gradient as one stack. YNNPACK runs a
 batched matmul's batch elements one after another on one core, and XLA runs independent
 operations side by side only once more than 8 are ready, so attention is computed for slices
