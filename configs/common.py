@@ -43,6 +43,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.1  # held out for eval when a dataset has no eval split
     c.data.split_seed = 0  # seed of that hold-out (independent of `seed`)
     c.data.strict_decode = False  # True: an unreadable image file is an error, not skipped
+    # Repeated augmentation (DeiT: 3): each epoch trains on 1/r of the examples, each r times in
+    # one batch with different crops, keeping the epoch's length (zoo/data/pipeline.py).
+    c.data.repeated_augmentations = 1
     # Normalisation in [0, 1] units; () = the dataset's. Pretrained weights want their own,
     # e.g. (0.5, 0.5, 0.5) for tf_efficientnet_lite0 (zoo.model_entry(name).pretrained).
     c.data.mean = ()
@@ -62,6 +65,10 @@ def base() -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict()
     c.method.name = "supervised"
     c.method.label_smoothing = 0.0
+    # Multiclass loss: "softmax" cross-entropy, or "sigmoid": binary cross-entropy per class
+    # against the (smoothed, mixed) one-hot targets, as timm's "ResNet strikes back" recipes.
+    c.method.multiclass_loss = "softmax"
+    c.method.bce_target_threshold = 0.0  # sigmoid: targets above it become 1 (timm); 0 = off
     # Binary/multilabel: a sigmoid output at or above this probability counts as positive
     # (accuracy, precision, recall, F1); ROC-AUC and mAP do not depend on it.
     c.method.threshold = 0.5
@@ -86,7 +93,7 @@ def base() -> ml_collections.ConfigDict:
     c.method.local_crop_min_scale = 0.05  # local crops cover this-crop_min_scale
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "sgd"  # sgd | adamw | lars
+    c.optim.name = "sgd"  # sgd | adamw | lars | lamb | rmsprop_tf
     c.optim.lr = 0.1  # peak learning rate (per lr_base_batch images, when that is set)
     c.optim.lr_base_batch = 0  # N > 0: peak lr = lr * data.batch_size / N (linear scaling)
     c.optim.momentum = 0.9
@@ -97,6 +104,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
+    c.optim.rms_decay = 0.9  # rmsprop_tf: decay of the mean squared gradient (TF's rho)
     c.optim.grad_clip_norm = 0.0  # 0 = no clipping
     # k > 1: each step sums the gradients of k micro-batches of data.batch_size / k (the same
     # update as one batch, with the memory of one micro-batch; BatchNorm statistics and SimCLR's
@@ -110,12 +118,19 @@ def base() -> ml_collections.ConfigDict:
     c.optim.freeze_backbone = False  # True: train the classifier head only (linear probe)
     # Layer-wise lr decay (BEiT): layer i of L gets lr * layer_decay ** (L - i); 1.0 = off.
     c.optim.layer_decay = 1.0
+    # EMA of the weights and BatchNorm statistics (zoo/training/ema.py), evaluated beside them
+    # (ema_* metrics) and used by zoo.load_classifier: 0 = off; recipes use 0.9999.
+    c.optim.ema_decay = 0.0
+    c.optim.ema_warmup = True  # decay min(ema_decay, (1 + t) / (10 + t)) at update t, as TF
 
     c.schedule = ml_collections.ConfigDict()
-    c.schedule.name = "cosine"  # cosine | constant
+    c.schedule.name = "cosine"  # cosine | constant | exponential
     c.schedule.warmup_steps = 0  # if 0, warmup_epochs is used
     c.schedule.warmup_epochs = 0.0
     c.schedule.end_lr_factor = 0.0
+    # exponential (staircase, after the warmup): lr * decay_rate ** (epochs // decay_epochs)
+    c.schedule.decay_rate = 0.97
+    c.schedule.decay_epochs = 2.4
 
     c.evals = ml_collections.ConfigDict()
     c.evals.every_steps = 0  # 0 = once per epoch
@@ -148,6 +163,28 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def runlocal(c: ml_collections.ConfigDict, model_name: str) -> ml_collections.ConfigDict:
+    """big_vision's `runlocal`: the same recipe shrunk to a smoke test on a CPU, so that it
+    runs in seconds and cannot rot (tests/test_recipes.py runs every recipe this way).
+
+    The family's small-image variant `model_name` (32 px) replaces the model, the embedded
+    fashion_mnist_mini the dataset, and the run is 3 steps of 16 images. Everything else of the
+    recipe stays: optimizer, schedule (its warmup is cut to fit), loss, EMA, mixup and the
+    host ops, whose image size the recipe sets to 32 when `runlocal` is on.
+    """
+    c.model.name = model_name
+    c.data.name = "fashion_mnist_mini"
+    c.data.data_dir = ""
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 500
+    c.data.num_workers = 0
+    c.total_steps = 3
+    c.evals.every_steps = 3
+    c.checkpoint.every_steps = 3
+    c.logging.every_steps = 1
+    return c
+
+
 def usage_error(message: str) -> NoReturn:
     """A bad config file, flag or argument of train.py: one line on stderr, exit status 2."""
     print(f"train.py: {message}", file=sys.stderr)
@@ -170,13 +207,16 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def load_config_file(path: str, folder: str = "configs") -> ml_collections.ConfigDict:
-    """`get_config()` of the config file at `path`; ValueError naming the problem and the fix
-    for a missing file (with the config files of its folder, else of `folder`), a folder, a
-    file that is not Python or one without `get_config`."""
+    """`get_config()` of the config file at `path`, or `get_config(arg)` for "file.py:arg" (as
+    ml_collections' config flags, e.g. a recipe's "configs/deit_small_imagenet.py:runlocal");
+    ValueError naming the problem and the fix for a missing file (with the config files of its
+    folder, else of `folder`), a folder, a file that is not Python or one without
+    `get_config`."""
     import difflib
     import pathlib
     import runpy
 
+    path, has_arg, arg = path.partition(":")
     file = pathlib.Path(path)
     if file.is_dir():
         raise ValueError(f"config file '{path}' is a folder; give a .py file in it")
@@ -200,7 +240,7 @@ def load_config_file(path: str, folder: str = "configs") -> ml_collections.Confi
             f"config file '{path}' has no get_config(); a config file defines get_config() "
             "returning an ml_collections.ConfigDict (see configs/default.py)"
         )
-    return module["get_config"]()
+    return module["get_config"](arg) if has_arg else module["get_config"]()
 
 
 def check_overrides(argv: list[str], default_config: str) -> str | None:
@@ -224,7 +264,6 @@ def check_overrides(argv: list[str], default_config: str) -> str | None:
             path, config_at = arg.split("=", 1)[1], i
         elif arg == "--config" and i + 1 < len(args):
             path, config_at = args[i + 1], i
-    path = path.split(":", 1)[0]  # ml_collections' "file.py:argument"
     try:
         config = load_config_file(path, str(pathlib.Path(default_config).parent))
     except ValueError as e:

@@ -100,6 +100,28 @@ def test_epochs_are_reshuffled():
     assert not np.array_equal(first["label"], second["label"])
 
 
+def test_repeated_augmentation_repeats_each_example_in_its_batch_and_keeps_the_epoch():
+    spec = get_dataset("fashion_mnist_mini")
+    plain = data_config(train_ops="", batch_size=10_000, repeated_augmentations=3)
+    first, second = take(pipeline.train_iterator(spec, plain, seed=0), 2)
+    # One epoch is still 10,000 examples: the first ceil(10,000 / 3) of its order, 3 times each.
+    images = first["image"].reshape(len(first["image"]), -1)
+    _, counts = np.unique(images, axis=0, return_counts=True)
+    assert len(counts) == 3334 and sorted(counts.tolist()) == [1] + [3] * 3333
+    np.testing.assert_array_equal(first["image"][0:3], np.repeat(first["image"][:1], 3, 0))
+    assert not np.array_equal(first["label"], second["label"])  # the next epoch reshuffles
+    # With host ops, the 3 copies (adjacent rows of one batch) get their own crop and flip.
+    augmented = data_config(batch_size=30, repeated_augmentations=3)
+    batch = next(pipeline.train_iterator(spec, augmented, seed=0))
+    groups = batch["image"].reshape(10, 3, -1)
+    assert (batch["label"].reshape(10, 3) == batch["label"][::3, None]).all()
+    assert (
+        sum(not np.array_equal(g[0], g[1]) or not np.array_equal(g[0], g[2]) for g in groups) >= 8
+    )
+    with pytest.raises(ValueError, match="repeated_augmentations must be an integer >= 1"):
+        pipeline.train_iterator(spec, data_config(repeated_augmentations=0), seed=0)
+
+
 def test_restored_iterator_state_gives_the_same_next_batches():
     spec = get_dataset("fashion_mnist_mini")
     it = pipeline.train_iterator(spec, data_config(), seed=0)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -200,7 +201,7 @@ def test_config_key_exists_and_overrides_are_checked():
     assert isinstance(common.base().optim, ml_collections.ConfigDict)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lamb", "rmsprop_tf"])
 def test_mu_dtype_keeps_the_first_moment_in_bfloat16(name):
     optim = common.base().optim
     optim.name, optim.mu_dtype = name, "bfloat16"
@@ -210,8 +211,9 @@ def test_mu_dtype_keeps_the_first_moment_in_bfloat16(name):
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     state = tx.init(params)
     dtypes = {str(x.dtype) for x in jax.tree.leaves(state) if x.ndim}
-    # adamw: mu bfloat16, nu float32; sgd: the momentum trace bfloat16.
-    assert dtypes == ({"bfloat16", "float32"} if name == "adamw" else {"bfloat16"})
+    # adamw, lamb: mu bfloat16, nu float32; sgd: the momentum trace bfloat16; rmsprop_tf:
+    # the mean square float32, the momentum bfloat16.
+    assert dtypes == ({"bfloat16"} if name == "sgd" else {"bfloat16", "float32"})
     updates, _ = tx.update(params, state, params)
     assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
 
@@ -221,3 +223,119 @@ def test_mu_dtype_is_refused_for_lars():
     optim.name, optim.mu_dtype = "lars", "bfloat16"
     with pytest.raises(ValueError, match="LARS keeps its momentum in float32"):
         optim_lib.build_optimizer(optim, common.base().schedule, total_steps=10, steps_per_epoch=10)
+
+
+# --- LAMB, TensorFlow's RMSProp, the exponential schedule ----------------------------------
+
+
+def toy_problem(seed=0, steps=4):
+    """Parameters (a kernel that gets weight decay, a bias that does not) and a gradient for
+    each of `steps` steps."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "dense": {"kernel": rng.normal(size=(3, 2)), "bias": rng.normal(size=2) * 0.1},
+        "out": {"kernel": rng.normal(size=(2, 2))},
+    }
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape), params) for _ in range(steps)]
+    as32 = lambda tree: jax.tree.map(lambda x: x.astype(np.float32), tree)  # noqa: E731
+    return as32(params), [as32(g) for g in grads]
+
+
+def run_optimizer(config, params, grads):
+    """The params after one update per gradient, and the learning rate of each update; the
+    schedule warms up over 2 of 8 steps, then decays."""
+    tx, schedule = optim_lib.build_optimizer(config.optim, config.schedule, 8, 2)
+    state, update = tx.init(params), jax.jit(tx.update)
+    for g in grads:
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return flat_numpy(params), [float(schedule(t)) for t in range(len(grads))]
+
+
+def decayed(path) -> bool:
+    return path[-1] == "kernel"  # decay_mask: matrices, not the bias
+
+
+def test_lamb_is_timms_lamb():
+    config = optim_config(name="lamb", lr=0.05, weight_decay=0.1, eps=1e-6, grad_clip_norm=1.0)
+    config.optim.update(b1=0.9, b2=0.99)
+    config.schedule.update(name="cosine", warmup_steps=2)
+    params, grads = toy_problem()
+    got, lrs = run_optimizer(config, params, grads)
+    assert lrs[0] == 0.0 and lrs[1] > 0 and lrs[3] < 0.05  # the learning rate changes
+    # timm's Lamb (decoupled_decay=False), in float64: clip the global norm at 1, Adam with
+    # bias correction, + wd * w, times ||w|| / ||update|| where the parameter decays.
+    w = {k: v.astype(np.float64) for k, v in flat_numpy(params).items()}
+    m = {k: np.zeros_like(v) for k, v in w.items()}
+    v = {k: np.zeros_like(x) for k, x in w.items()}
+    for t, (g, lr) in enumerate(zip(map(flat_numpy, grads), lrs, strict=True), start=1):
+        norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g.values()))
+        for k in w:
+            grad = g[k] / max(norm / 1.0, 1.0)
+            m[k] = 0.9 * m[k] + 0.1 * grad
+            v[k] = 0.99 * v[k] + 0.01 * grad**2
+            update = (m[k] / (1 - 0.9**t)) / (np.sqrt(v[k] / (1 - 0.99**t)) + 1e-6)
+            if decayed(k):
+                update = update + 0.1 * w[k]
+                w_norm, u_norm = np.linalg.norm(w[k]), np.linalg.norm(update)
+                update = update * (w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0)
+            w[k] = w[k] - lr * update
+    for k in w:
+        np.testing.assert_allclose(got[k], w[k], rtol=1e-6, atol=1e-6, err_msg=str(k))
+
+
+def test_rmsprop_tf_is_timms_rmsprop_tf():
+    config = optim_config(name="rmsprop_tf", lr=0.02, weight_decay=0.05, eps=1e-3, momentum=0.9)
+    config.optim.rms_decay = 0.8
+    config.schedule.update(name="exponential", warmup_steps=2, decay_rate=0.5, decay_epochs=0.5)
+    params, grads = toy_problem(seed=1)
+    got, lrs = run_optimizer(config, params, grads)
+    # The decay counts from step 0 (TF): 0.02 * 0.5 ** step after the warmup.
+    assert lrs == pytest.approx([0.0, 0.01, 0.005, 0.0025])  # the lr inside the buffer matters
+    # timm's RMSpropTF in float64: L2 decay into the gradient, the mean square from ones, eps
+    # in the square root, the learning rate in the momentum buffer.
+    w = {k: v.astype(np.float64) for k, v in flat_numpy(params).items()}
+    ms = {k: np.ones_like(v) for k, v in w.items()}
+    buf = {k: np.zeros_like(v) for k, v in w.items()}
+    for g, lr in zip(map(flat_numpy, grads), lrs, strict=True):
+        for k in w:
+            grad = g[k] + (0.05 * w[k] if decayed(k) else 0.0)
+            ms[k] = ms[k] + (grad**2 - ms[k]) * (1 - 0.8)
+            buf[k] = 0.9 * buf[k] + lr * grad / np.sqrt(ms[k] + 1e-3)
+            w[k] = w[k] - buf[k]
+    for k in w:
+        np.testing.assert_allclose(got[k], w[k], rtol=1e-6, atol=1e-6, err_msg=str(k))
+
+
+def test_exponential_schedule_is_a_staircase_counted_from_step_0():
+    config = optim_config()
+    config.schedule.update(name="exponential", warmup_steps=3, decay_rate=0.5, decay_epochs=1.5)
+    schedule = optim_lib.build_schedule(config.schedule, 0.8, total_steps=40, steps_per_epoch=4)
+    decay_steps = 6  # round(1.5 epochs * 4 steps)
+    for step in range(30):
+        want = 0.8 * step / 3 if step < 3 else 0.8 * 0.5 ** (step // decay_steps)
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-6), step
+    config.schedule.update(warmup_steps=0, decay_epochs=0.01)  # at least one step per decay
+    schedule = optim_lib.build_schedule(config.schedule, 0.8, total_steps=40, steps_per_epoch=4)
+    assert [float(schedule(s)) for s in range(3)] == pytest.approx([0.8, 0.4, 0.2])
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("decay_rate", 0.0, r"schedule.decay_rate must be in \(0, 1\]"),
+        ("decay_epochs", 0.0, "schedule.decay_epochs must be > 0"),
+    ],
+)
+def test_bad_exponential_schedule_is_an_error(key, value, message):
+    config = optim_config()
+    config.schedule.update({"name": "exponential", key: value})
+    with pytest.raises(ValueError, match=message):
+        optim_lib.build_optimizer(config.optim, config.schedule, 10, 10)
+
+
+@pytest.mark.parametrize("name, close", [("lam", "lamb"), ("rmsprop", "rmsprop_tf")])
+def test_unknown_optimizer_lists_close_matches(name, close):
+    config = optim_config(name=name)
+    with pytest.raises(ValueError, match=f"optim.name must be one of .*did you mean: {close}"):
+        optim_lib.build_optimizer(config.optim, config.schedule, 10, 10)

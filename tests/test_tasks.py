@@ -7,6 +7,7 @@ import json
 import pathlib
 import runpy
 
+import flax.linen
 import jax
 import numpy as np
 import pytest
@@ -188,3 +189,60 @@ def test_mixup_on_a_multilabel_dataset_names_the_fix():
         loop.build_method(config, create_model("resnet8", num_classes=10), spec)
     with pytest.raises(ValueError, match="num_classes must be 1"):
         supervised(create_model("resnet8", num_classes=2), 2, task="binary")
+
+
+class Linear(flax.linen.Module):
+    """logits = flattened image @ W + b: a model whose logits the test computes itself."""
+
+    num_classes: int
+
+    @flax.linen.compact
+    def __call__(self, x, *, train):
+        del train
+        return flax.linen.Dense(self.num_classes)(x.reshape(len(x), -1))
+
+
+def reference_bce(logits, targets):
+    """Mean over classes and examples of the numerically stable sigmoid cross-entropy."""
+    per_label = np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
+    return per_label.mean()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.2])
+def test_multiclass_sigmoid_loss_equals_numpy_bce_on_smoothed_and_mixed_targets(threshold):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 4, 4, 1)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, 8).astype(np.int32)
+    method = supervised(
+        Linear(CLASSES),
+        CLASSES,
+        label_smoothing=0.1,
+        multiclass_loss="sigmoid",
+        bce_target_threshold=threshold,
+    )
+    params, model_state, extra = method.init(jax.random.PRNGKey(0), {"image": images})
+    kernel, bias = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+    logits = images.reshape(8, -1) @ kernel + bias
+    smoothed = np.eye(CLASSES)[labels] * 0.9 + 0.1 / CLASSES
+    mixed = 0.7 * smoothed + 0.3 * smoothed[::-1]  # soft targets as mixup makes them
+    for batch, targets in (
+        ({"image": images, "label": labels}, smoothed),
+        ({"image": images, "label": labels, "targets": mixed}, mixed),
+    ):
+        if threshold:
+            targets = (targets > threshold).astype(np.float64)
+        loss, _ = method.loss(params, model_state, extra, batch, None, train=False)
+        np.testing.assert_allclose(float(loss), reference_bce(logits, targets), rtol=1e-5)
+    # Evaluation: the loss against the one-hot label, accuracy by the largest logit as ever.
+    sums = method.eval_sums(jax.numpy.asarray(logits), {"label": labels, "mask": np.ones(8)})
+    np.testing.assert_allclose(
+        float(sums["loss"]) / 8, reference_bce(logits, np.eye(CLASSES)[labels]), rtol=1e-5
+    )
+    assert float(sums["top1"]) == np.sum(logits.argmax(-1) == labels)
+
+
+def test_sigmoid_multiclass_loss_errors_name_the_fix():
+    with pytest.raises(ValueError, match="multiclass_loss must be one of softmax, sigmoid"):
+        supervised(Linear(CLASSES), CLASSES, multiclass_loss="bce")
+    with pytest.raises(ValueError, match="applies to multiclass datasets"):
+        supervised(Linear(1), 1, task="binary", multiclass_loss="sigmoid")

@@ -73,7 +73,7 @@ def evaluate_workdir(
     from zoo.data.augment import make_augment
     from zoo.data.datasets import dataset_from_config
     from zoo.training import loop
-    from zoo.training.checkpoint import latest_checkpoint
+    from zoo.training.checkpoint import latest_checkpoint, state_tree, train_state
     from zoo.training.evaluate import evaluator_names, run_evaluators
     from zoo.training.step import Parallel, make_mesh
 
@@ -100,8 +100,8 @@ def evaluate_workdir(
                 f"{workdir} has no checkpoint (checkpoints/<step>/state): train it first, or "
                 "evaluate a --baseline"
             )
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        state = ocp.StandardCheckpointer().restore(checkpoint.absolute(), abstract)
+        abstract = state_tree(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+        state = train_state(ocp.StandardCheckpointer().restore(checkpoint.absolute(), abstract))
     elif baseline != "random":
         raise ValueError(f"--baseline must be 'random' or 'pixels', got '{baseline}'")
     if names == ["classification"] and not method.is_classifier:

@@ -95,6 +95,7 @@ def load_predictor(args: argparse.Namespace):
                     model=args.model,
                     threshold=args.threshold,
                     batch_size=args.batch_size,
+                    weights="raw" if getattr(args, "no_ema", False) else None,
                 )
             )
         except (FileNotFoundError, ValueError) as e:
@@ -249,6 +250,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--csv", metavar="FILE", help="also write path,rank,label,probability rows")
     parser.add_argument("--annotate", metavar="DIR", help="write each image with its top-k as PNG")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument(
+        "--no-ema",
+        action="store_true",
+        help="a workdir trained with optim.ema_decay: its last weights, not their moving "
+        "average (the default)",
+    )
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")

@@ -70,6 +70,9 @@ def train_iterator(
             f"({data_config.batch_size}); lower data.batch_size"
         )
     ds = ds.shuffle(seed=seed).repeat()
+    repeats = data_config.get("repeated_augmentations", 1)
+    if repeats != 1:
+        ds = RepeatedSamples(ds, len(source), repeats)
     op = views_op(views, data_config)
     if op is not None:  # seeded by the global position: any number of processes, same crop
         ds = ds.random_map(skip_none(op), seed=seed)
@@ -87,6 +90,40 @@ def train_iterator(
             grain.MultiprocessingOptions(num_workers=data_config.num_workers)
         )
     return iter(iter_ds)
+
+
+class RepeatedSamples(grain.MapDataset):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's `RASampler`): each epoch takes the
+    first ceil(N / repeats) examples of that epoch's shuffled order and yields each `repeats`
+    times in a row, truncated to N, so an epoch keeps its length and the copies of an example
+    sit in the same global batch (DeiT puts them on different devices of one step) with
+    different crops (the per-image ops are seeded by the position in the stream).
+
+    `parent` is the endless shuffled stream: epoch e is its elements [e * N, (e + 1) * N).
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, epoch_size: int, repeats: int):
+        super().__init__(parent)
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(
+                f"data.repeated_augmentations must be an integer >= 1 (1 = off; DeiT uses 3), "
+                f"got {repeats}"
+            )
+        self._epoch_size, self._repeats = epoch_size, repeats
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._epoch_size)
+        return self._parent[epoch * self._epoch_size + position // self._repeats]
+
+    def __str__(self) -> str:
+        return f"RepeatedSamples(repeats={self._repeats}, epoch_size={self._epoch_size})"
 
 
 class ProcessRows(grain.MapDataset):

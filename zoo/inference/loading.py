@@ -6,8 +6,11 @@
 A workdir gives everything the run knew (`config.json` and the latest
 `checkpoints/<step>/state`): the model and its number of classes, the task (multiclass:
 softmax; binary: one logit, sigmoid; multilabel: a sigmoid per label), the class names, the
-decision threshold (`method.threshold`) and the eval preprocessing of the dataset. A weights
-file gives an ImageNet classifier with the preprocessing of its pretrained metadata.
+decision threshold (`method.threshold`) and the eval preprocessing of the dataset. When the
+run kept an exponential moving average of its weights (`optim.ema_decay`), the classifier
+uses it, as the recipes that train one report it; `weights="raw"` takes the last trained
+weights instead. A weights file gives an ImageNet classifier with the preprocessing of its
+pretrained metadata.
 """
 
 from __future__ import annotations
@@ -38,13 +41,27 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     }
 
 
-def _restore_variables(checkpoint: pathlib.Path, abstract: dict[str, Any], context: str) -> Any:
-    """{'params', ...model_state} of a zoo checkpoint, checked against the model's shapes."""
+WEIGHTS = ("ema", "raw")
+
+
+def _restore_variables(
+    checkpoint: pathlib.Path, abstract: dict[str, Any], context: str, weights: str | None
+) -> tuple[Any, bool]:
+    """({'params', ...model_state}, whether they are the EMA) of a zoo checkpoint: its EMA
+    unless `weights` is "raw" or it has none; checked against the model's shapes."""
     target = {"params": abstract["params"]}
     model_state = {k: v for k, v in abstract.items() if k != "params"}
     if model_state:
         target["model_state"] = model_state
     stored = stored_arrays(checkpoint)
+    if weights == "ema" and "ema" not in stored:
+        raise ValueError(
+            f"weights='ema' but {checkpoint} has no moving average of the weights (its run had "
+            "optim.ema_decay=0): leave weights out, or train with optim.ema_decay > 0"
+        )
+    use_ema = "ema" in stored and weights != "raw"
+    if use_ema:  # {"params": ..., "model_state": ...}, as the state's own
+        stored = stored["ema"]
     stored_shapes = _flat_shapes({k: stored[k] for k in target if k in stored})
     problems = [
         f"{path}: {stored_shapes.get(path, 'missing')} in the checkpoint, {shape} in the model"
@@ -54,8 +71,11 @@ def _restore_variables(checkpoint: pathlib.Path, abstract: dict[str, Any], conte
     if problems:
         shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
         raise ValueError(f"{checkpoint} does not fit {context}:\n  " + "\n  ".join(shown))
-    restored = restore_on_this_host(checkpoint, items=tuple(target))
-    return {"params": restored["params"], **restored.get("model_state", {})}
+    if use_ema:
+        restored = restore_on_this_host(checkpoint, items=("ema",))["ema"]
+    else:
+        restored = restore_on_this_host(checkpoint, items=tuple(target))
+    return {"params": restored["params"], **restored.get("model_state", {})}, use_ema
 
 
 def _load_workdir(
@@ -64,6 +84,7 @@ def _load_workdir(
     class_names: Sequence[str] | None,
     threshold: float | None,
     batch_size: int,
+    weights: str | None,
 ) -> Classifier:
     import ml_collections
 
@@ -136,7 +157,7 @@ def _load_workdir(
     )
     step = checkpoint.parent.name
     context = f"model '{name}' with {spec.num_classes} output(s) as {config_path} describes it"
-    variables = _restore_variables(checkpoint, dict(abstract), context)
+    variables, use_ema = _restore_variables(checkpoint, dict(abstract), context, weights)
     return Classifier(
         module,
         variables,
@@ -145,7 +166,8 @@ def _load_workdir(
         task=spec.task,
         threshold=config.method.get("threshold", 0.5) if threshold is None else threshold,
         batch_size=batch_size,
-        description=f"{name} from {workdir} (step {step}, {spec.name})",
+        description=f"{name} from {workdir} (step {step}, {spec.name}"
+        + (", EMA weights)" if use_ema else ")"),
     )
 
 
@@ -156,6 +178,7 @@ def load_classifier(
     class_names: Sequence[str] | None = None,
     threshold: float | None = None,
     batch_size: int = 32,
+    weights: str | None = None,
 ) -> Classifier:
     """A `Classifier` from a zoo training workdir or from pretrained weights.
 
@@ -170,21 +193,34 @@ def load_classifier(
       threshold: overrides the binary/multilabel decision threshold (workdir:
         `method.threshold`; default 0.5).
       batch_size: images per forward pass.
+      weights: which weights of a workdir: "ema", the exponential moving average of a run
+        trained with `optim.ema_decay` (an error when it has none), "raw", the last trained
+        weights, or None (default): the EMA when the checkpoint has one, else the raw ones.
 
     Returns:
       The classifier; `classifier.predict(paths)` gives ranked (label, probability) lists.
 
     Raises:
       FileNotFoundError: the path does not exist, or a workdir without checkpoint/config.
-      ValueError: model missing or disagreeing, or a checkpoint that does not fit its model.
+      ValueError: model missing or disagreeing, a checkpoint that does not fit its model, an
+        unknown `weights`, or weights="ema" without an EMA.
     """
+    if weights is not None and weights not in WEIGHTS:
+        raise ValueError(
+            f"weights must be 'ema' or 'raw' (or None: the EMA when there is one), got '{weights}'"
+        )
     source = pathlib.Path(workdir_or_weights).expanduser()
     if source.is_dir():
-        return _load_workdir(source, model, class_names, threshold, batch_size)
+        return _load_workdir(source, model, class_names, threshold, batch_size, weights)
     if not source.exists():
         raise FileNotFoundError(
             f"{source} does not exist: give a zoo workdir (the --workdir of train.py) or a "
             "weights file (.pth, .safetensors, .npz) with model=<registry name>"
+        )
+    if weights == "ema":
+        raise ValueError(
+            f"weights='ema' needs a zoo workdir trained with optim.ema_decay > 0; {source} is "
+            "a weights file (one set of weights): leave weights out"
         )
     if model is None:
         raise ValueError(

@@ -1,6 +1,10 @@
 """Supervised classification as a method, for the three tasks of a dataset (DatasetSpec.task).
 
-  multiclass  softmax cross-entropy with label smoothing (Szegedy et al. 2016); `label` int32
+  multiclass  softmax cross-entropy with label smoothing (Szegedy et al. 2016); `label` int32.
+              Or, with `multiclass_loss="sigmoid"`, binary cross-entropy per class against
+              the same one-hot targets (Wightman et al. 2021, "ResNet strikes back", timm's
+              BinaryCrossEntropy): the mean over classes, optionally with the targets above
+              `bce_target_threshold` set to 1 (mixed/smoothed targets binarised).
   binary      ONE logit and sigmoid binary cross-entropy; `label` int32 0/1. One logit (not a
               2-way softmax) because its sigmoid is the positive-class score that ROC-AUC,
               precision/recall and F1 are defined on, and it has no redundant parameters
@@ -37,6 +41,7 @@ from zoo.methods.base import METHODS, Method, View, keep_extra
 
 Batch = dict[str, Any]
 TASKS = ("multiclass", "binary", "multilabel")
+MULTICLASS_LOSSES = ("softmax", "sigmoid")
 
 
 def smoothed_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -97,6 +102,8 @@ def supervised(
     task: str = "multiclass",
     threshold: float = 0.5,
     views: tuple[View, ...] = (View("image", ""),),
+    multiclass_loss: str = "softmax",
+    bce_target_threshold: float = 0.0,
 ) -> Method:
     """Classification with the loss and eval statistics of `task` (see module docstring).
 
@@ -108,9 +115,38 @@ def supervised(
       threshold: probability at or above which a sigmoid output counts as positive (binary
         and multilabel accuracy, precision, recall, F1; `is_positive`).
       views: the data pipeline's views (one: `image`, with the config's `data.train_ops`).
+      multiclass_loss: "softmax" (cross-entropy) or "sigmoid" (per-class binary
+        cross-entropy on the one-hot targets); multiclass only.
+      bce_target_threshold: with "sigmoid", targets above it become 1 and the rest 0 (timm's
+        `target_threshold`); 0 = the targets as they are.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got '{task}'")
+    if multiclass_loss not in MULTICLASS_LOSSES:
+        raise ValueError(
+            f"method.multiclass_loss must be one of {', '.join(MULTICLASS_LOSSES)}, got "
+            f"'{multiclass_loss}'"
+        )
+    if multiclass_loss != "softmax" and task != "multiclass":
+        raise ValueError(
+            f"method.multiclass_loss='{multiclass_loss}' applies to multiclass datasets; a "
+            f"{task} dataset is trained with sigmoid binary cross-entropy already: unset it"
+        )
+    if not 0.0 <= bce_target_threshold < 1.0:
+        raise ValueError(
+            f"method.bce_target_threshold must be in [0, 1) (0 = off; timm's recipes use 0.2), "
+            f"got {bce_target_threshold}"
+        )
+    sigmoid = multiclass_loss == "sigmoid"
+
+    def multiclass_loss_fn(logits: jax.Array, targets: jax.Array) -> jax.Array:
+        """Per-example loss [B] against targets [B, K] (one-hot, smoothed or mixed)."""
+        if not sigmoid:
+            return cross_entropy(logits, targets)
+        if bce_target_threshold > 0:
+            targets = (targets > bce_target_threshold).astype(targets.dtype)
+        return binary_cross_entropy(logits, targets)
+
     if task == "binary" and num_classes != 1:
         raise ValueError(
             f"a binary task has one logit (sigmoid), so num_classes must be 1, got {num_classes}"
@@ -139,7 +175,7 @@ def supervised(
                 targets = batch["targets"]
             else:
                 targets = smoothed_labels(batch["label"], num_classes, label_smoothing)
-            per_example = cross_entropy(logits, targets)
+            per_example = multiclass_loss_fn(logits, targets)
             # Against the hard label (of the dominant image, when mixed).
             accuracy = jnp.mean(topk_correct(logits, batch["label"], 1))
         else:
@@ -170,7 +206,7 @@ def supervised(
                 jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes),
             )
             return {
-                "loss": jnp.sum(cross_entropy(logits, one_hot) * mask),
+                "loss": jnp.sum(multiclass_loss_fn(logits, one_hot) * mask),
                 "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
                 "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
                 "count": jnp.sum(mask),
@@ -238,4 +274,6 @@ def build(config: Any, model: nn.Module, spec: Any, **_) -> Method:
         task=spec.task,
         threshold=config.method.threshold,
         views=(view,),
+        multiclass_loss=config.method.get("multiclass_loss", "softmax"),
+        bce_target_threshold=config.method.get("bce_target_threshold", 0.0),
     )

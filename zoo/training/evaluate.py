@@ -275,8 +275,42 @@ def run_evaluators(
 
     `eval_step` and `features_step` are the compiled eval step with `output="sums"` and
     `output="features"` compiled by `parallel` (zoo.training.step.Parallel); the splits come
-    from `config.data` (zoo/data/pipeline.py).
+    from `config.data` (zoo/data/pipeline.py). A state with an EMA of the weights
+    (`optim.ema_decay`) is evaluated a second time with the averaged weights, whose scalar
+    metrics are added with the prefix `ema_` (e.g. `ema_accuracy`).
     """
+    kwargs = dict(
+        spec=spec,
+        config=config,
+        eval_step=eval_step,
+        features_step=features_step,
+        parallel=parallel,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    results = _run_evaluators(names, state, **kwargs)
+    if getattr(state, "ema", None) is not None:
+        # The same tree structure (the EMA stays in it): the compiled steps are reused.
+        averaged = state.replace(params=state.ema["params"], model_state=state.ema["model_state"])
+        ema_results = _run_evaluators(names, averaged, **kwargs)
+        results.update(
+            {f"ema_{k}": v for k, v in ema_results.items() if k != "count" and np.ndim(v) == 0}
+        )
+    return results
+
+
+def _run_evaluators(
+    names: list[str],
+    state: Any,
+    *,
+    spec: Any,
+    config: Any,
+    eval_step: Callable,
+    features_step: Callable,
+    parallel,
+    process_index: int,
+    process_count: int,
+) -> dict[str, Any]:
     from zoo.data import pipeline
 
     process = dict(process_index=process_index, process_count=process_count)

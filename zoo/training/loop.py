@@ -27,6 +27,7 @@ from zoo.methods import METHODS
 from zoo.methods.base import View
 from zoo.models import MODELS, check_input_size, create_model, model_entry
 from zoo.models.registry import config_overrides
+from zoo.training import ema as ema_lib
 from zoo.training import metrics as metrics_lib
 from zoo.training.checkpoint import Checkpointer, CheckpointError
 from zoo.training.config_checks import check_batch_layout, check_run_config
@@ -99,9 +100,11 @@ def build_method(config: Any, model, spec, *, steps_per_epoch: int = 1, total_st
 
 def format_metrics(results: dict[str, Any]) -> str:
     """'accuracy 0.9120, f1 0.8800, ...': the scalar eval metrics of any task, for the log
-    (and how many examples had non-finite logits, when any did)."""
+    (and how many examples had non-finite logits, when any did); the EMA's `ema_*` too."""
     skip = ("confusion", "count", "nonfinite", "linear_probe_train_accuracy")
-    text = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k not in skip)
+    text = ", ".join(
+        f"{k} {v:.4f}" for k, v in results.items() if k.removeprefix("ema_") not in skip
+    )
     if results.get("nonfinite"):
         text += f" ({results['nonfinite']} of {results['count']} examples: non-finite logits)"
     return text
@@ -173,9 +176,9 @@ def schedule_lengths(config: Any, train_size: int) -> tuple[int, int]:
     return steps_per_epoch, int(total)
 
 
-def init_state(method, tx, example_batch, augment, rng, mesh) -> TrainState:
+def init_state(method, tx, example_batch, augment, rng, mesh, ema: bool = False) -> TrainState:
     """The initial state as global replicated arrays (`Parallel.put_state` lays it out for
-    the train step)."""
+    the train step), with an EMA of the weights (zoo/training/ema.py) when `ema`."""
     replicated, _ = shardings(mesh)
 
     def init(rng):
@@ -186,6 +189,7 @@ def init_state(method, tx, example_batch, augment, rng, mesh) -> TrainState:
             model_state=model_state,
             opt_state=tx.init(params),
             extra=extra,
+            ema=ema_lib.init_ema(params, model_state) if ema else None,
         )
 
     # Runs once: compiled for compile time (same parameters, `cpu.once_compiler_options`).
@@ -210,10 +214,12 @@ class Parts:
     total_steps: int
     train_size: int
     evals: list[str]
+    ema_decay: float = 0.0  # optim.ema_decay; the state has an EMA when > 0
+    ema_warmup: bool = True
 
     def init(self, rng: jax.Array) -> TrainState:
-        mesh = self.parallel.mesh
-        return init_state(self.method, self.tx, self.example_batch, self.augment, rng, mesh)
+        mesh, ema = self.parallel.mesh, self.ema_decay > 0
+        return init_state(self.method, self.tx, self.example_batch, self.augment, rng, mesh, ema)
 
 
 def build(config: Any, spec: Any, mesh: Any) -> Parts:
@@ -227,6 +233,7 @@ def build(config: Any, spec: Any, mesh: Any) -> Parts:
     method = build_method(
         config, model, spec, steps_per_epoch=steps_per_epoch, total_steps=total_steps
     )
+    ema_lib.check_ema_decay(config.optim.ema_decay)
     tx, schedule = build_optimizer(
         config.optim,
         config.schedule,
@@ -267,6 +274,8 @@ def build(config: Any, spec: Any, mesh: Any) -> Parts:
         total_steps=total_steps,
         train_size=train_size,
         evals=evaluator_names(config.evals.names),
+        ema_decay=config.optim.ema_decay,
+        ema_warmup=config.optim.ema_warmup,
     )
 
 
@@ -306,8 +315,11 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     init_message = ""
     if restored is None and config.init_from:
         params, model_state, reinit = load_init_from(config, parts.model, state)
+        ema = None if state.ema is None else ema_lib.init_ema(params, model_state)
         state = jax.device_put(
-            state.replace(params=params, model_state=model_state, opt_state=tx.init(params)),
+            state.replace(
+                params=params, model_state=model_state, opt_state=tx.init(params), ema=ema
+            ),
             shardings(mesh)[0],
         )
         init_message = f"; initialised from {config.init_from}" + (
@@ -328,6 +340,8 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
         schedule=parts.schedule,
         skip_nonfinite=config.optim.skip_nonfinite,
         grad_accum_steps=config.optim.grad_accum_steps,
+        ema_decay=parts.ema_decay,
+        ema_warmup=parts.ema_warmup,
     )
     eval_step = parallel.compile_eval_step(method=method, augment=eval_augment)
     features_step = parallel.compile_eval_step(

@@ -2,6 +2,13 @@
 
     tx, schedule = build_optimizer(config.optim, config.schedule, total_steps, steps_per_epoch)
 
+Optimizers (`optim.name`): "sgd" (momentum, Nesterov), "adamw", "lars" (SimCLR, BYOL),
+"lamb" (You et al. 2020, timm's `Lamb`) and "rmsprop_tf" (TensorFlow's RMSProp as timm's
+`RMSpropTF`, EfficientNet's recipe); `build_optimizer` says what each one computes.
+Schedules (`schedule.name`): "cosine", "constant" and "exponential" (staircase decay by
+`schedule.decay_rate` every `schedule.decay_epochs`, EfficientNet's), each after a linear
+warmup from 0.
+
 Weight decay is applied to kernels only: biases, normalisation scales, position embeddings
 and class tokens are masked off (as timm and big_vision do), and it is never part of the loss.
 
@@ -36,8 +43,8 @@ import jax.numpy as jnp
 import optax
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
-OPTIMIZERS = ("sgd", "adamw", "lars")
-SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw", "lars", "lamb", "rmsprop_tf")
+SCHEDULES = ("cosine", "constant", "exponential")
 
 
 def check_name(key: str, name: str, known: tuple[str, ...]) -> None:
@@ -65,6 +72,16 @@ def decay_mask(params: Any) -> Any:
 
 
 def build_schedule(cfg: Any, peak_lr: float, total_steps: int, steps_per_epoch: int):
+    """The learning rate of each step: a linear warmup from 0 to `peak_lr` over
+    `schedule.warmup_steps` (or `warmup_epochs`), then `schedule.name`'s decay:
+
+      cosine       to peak_lr * end_lr_factor at `total_steps`;
+      constant     peak_lr;
+      exponential  peak_lr * decay_rate ** floor(step / decay_steps), with
+                   decay_steps = round(decay_epochs * steps_per_epoch), at least 1; the
+                   decay counts from step 0, through the warmup, as TF's EfficientNet code
+                   and timm's step scheduler do.
+    """
     check_name("schedule.name", cfg.name, SCHEDULES)
     check_not_negative("schedule.warmup_steps", cfg.warmup_steps)
     check_not_negative("schedule.warmup_epochs", cfg.warmup_epochs)
@@ -83,7 +100,24 @@ def build_schedule(cfg: Any, peak_lr: float, total_steps: int, steps_per_epoch: 
             [optax.linear_schedule(0.0, peak_lr, warmup), optax.constant_schedule(peak_lr)],
             [warmup],
         )
-    raise ValueError(f"schedule.name must be 'cosine' or 'constant', got '{cfg.name}'")
+    if cfg.name == "exponential":
+        if not 0.0 < cfg.decay_rate <= 1.0:
+            raise ValueError(
+                f"schedule.decay_rate must be in (0, 1] (EfficientNet: 0.97), got {cfg.decay_rate}"
+            )
+        if not 0.0 < cfg.decay_epochs < float("inf"):
+            raise ValueError(
+                f"schedule.decay_epochs must be > 0 (EfficientNet: 2.4), got {cfg.decay_epochs}"
+            )
+        decay_steps = max(round(cfg.decay_epochs * steps_per_epoch), 1)
+        rate = cfg.decay_rate
+
+        def exponential(step):
+            decayed = peak_lr * rate ** jnp.floor(step / decay_steps)
+            return jnp.where(step < warmup, peak_lr * step / max(warmup, 1), decayed)
+
+        return exponential
+    raise ValueError(f"schedule.name must be one of {', '.join(SCHEDULES)}, got '{cfg.name}'")
 
 
 def head_labels(head: tuple[str, ...]):
@@ -198,14 +232,14 @@ def weight_decay_schedule(optim: Any, total_steps: int):
 
 def first_moment_dtype(optim: Any):
     """`optim.mu_dtype` ("" = the parameters' float32, or "bfloat16": half the memory of the
-    momentum / Adam's first moment, as big_vision's `mu_dtype`); optax's LARS has no such
-    option, so it is refused there."""
+    momentum / Adam's first moment, as big_vision's `mu_dtype`; rmsprop_tf's momentum, LAMB's
+    first moment). optax's LARS has no such option, so it is refused there."""
     name = optim.get("mu_dtype", "")
     check_name("optim.mu_dtype", name, ("", "float32", "bfloat16"))
     if name and optim.name == "lars":
         raise ValueError(
-            f"optim.mu_dtype={name} applies to sgd and adamw; LARS keeps its momentum in "
-            "float32: unset optim.mu_dtype"
+            f"optim.mu_dtype={name} applies to sgd, adamw, lamb and rmsprop_tf; LARS keeps its "
+            "momentum in float32: unset optim.mu_dtype"
         )
     return {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
@@ -218,11 +252,29 @@ def build_optimizer(
     head: tuple[str, ...] = (),
     batch_size: int = 0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns (tx, schedule) for optim.name in {"sgd", "adamw", "lars"}.
+    """Returns (tx, schedule) for optim.name in `OPTIMIZERS`.
 
-    LARS (You et al. 2017, optax.lars) is SimCLR's and BYOL's: momentum `optim.momentum`,
-    trust coefficient `optim.trust_coefficient`, and biases and normalisation parameters
-    excluded from both weight decay and the trust-ratio adaptation (`decay_mask`).
+    Every optimizer first clips the global gradient norm to `optim.grad_clip_norm` (when > 0)
+    and takes its weight decay on the `decay_mask` parameters only.
+
+    * "sgd": the gradient plus L2 weight decay, momentum `optim.momentum` (Nesterov with
+      `optim.nesterov`), times the learning rate.
+    * "adamw": Adam (`optim.b1`, `b2`, `eps`) with decoupled weight decay (optax.adamw).
+    * "lars" (You et al. 2017, optax.lars), SimCLR's and BYOL's: momentum `optim.momentum`,
+      trust coefficient `optim.trust_coefficient`, and biases and normalisation parameters
+      excluded from both weight decay and the trust-ratio adaptation.
+    * "lamb" (You et al. 2020), as timm's `Lamb`: Adam's bias-corrected step
+      m / (sqrt(v) + eps) (`optim.b1`, `b2`, `eps`), plus weight decay * w, times the
+      trust ratio ||w|| / ||step|| (1 where either norm is 0), times the learning rate. As
+      in timm, only parameters that get weight decay are adapted by the trust ratio (none
+      when `optim.weight_decay` is 0). timm's Lamb clips the gradient norm at 1.0 itself;
+      here that is `optim.grad_clip_norm=1.0`.
+    * "rmsprop_tf", TensorFlow's RMSProp as timm's `RMSpropTF` (EfficientNet's recipe): the
+      gradient plus L2 weight decay, g; ms = rho * ms + (1 - rho) * g^2 with ms starting at
+      ones and rho = `optim.rms_decay`; buf = momentum * buf + lr * g / sqrt(ms + eps); the
+      update is -buf. The learning rate is inside the momentum buffer (unlike optax.rmsprop,
+      a difference when it changes) and eps inside the square root (EfficientNet: 1e-3).
+      `optim.nesterov` does not apply (TensorFlow's has none).
 
     Args:
       optim, schedule_cfg: the config's `optim` and `schedule` namespaces.
@@ -234,7 +286,8 @@ def build_optimizer(
     Raises:
       ValueError: for an unknown optimizer or schedule (with close matches), a negative
         learning rate, weight decay, clipping norm or warmup, `freeze_backbone` without
-        `head`, or `optim.layer_decay` outside (0, 1].
+        `head`, `optim.layer_decay` outside (0, 1], `optim.rms_decay` outside [0, 1), or an
+        exponential schedule's `decay_rate` outside (0, 1] or `decay_epochs` <= 0.
     """
     check_name("optim.name", optim.name, OPTIMIZERS)
     check_not_negative("optim.lr", optim.lr, " (the peak learning rate, e.g. 0.1 for SGD)")
@@ -271,6 +324,24 @@ def build_optimizer(
                 mask=decay_mask,
             )
         )
+    elif optim.name == "lamb":
+        parts.append(optax.scale_by_adam(optim.b1, optim.b2, optim.eps, mu_dtype=mu_dtype))
+        if decaying:  # timm adapts only the parameters of a group with weight decay
+            parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+            parts.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
+        parts.append(optax.scale_by_learning_rate(schedule))
+    elif optim.name == "rmsprop_tf":
+        rho = optim.get("rms_decay", 0.9)
+        if not 0.0 <= rho < 1.0:
+            raise ValueError(f"optim.rms_decay must be in [0, 1) (TensorFlow's 0.9), got {rho}")
+        if decaying:
+            parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+        # TensorFlow starts the mean square at ones (optax.rmsprop at zeros), so the first
+        # steps are small rather than sign-sized.
+        parts.append(optax.scale_by_rms(rho, optim.eps, initial_scale=1.0, eps_in_sqrt=True))
+        parts.append(optax.scale_by_learning_rate(schedule))  # before the momentum: TF's order
+        if optim.momentum:
+            parts.append(optax.trace(optim.momentum, accumulator_dtype=mu_dtype))
     elif optim.name == "lars":
         parts.append(
             optax.lars(
@@ -284,7 +355,7 @@ def build_optimizer(
             )
         )
     else:
-        raise ValueError(f"optim.name must be 'sgd', 'adamw' or 'lars', got '{optim.name}'")
+        raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got '{optim.name}'")
     tx = optax.chain(*parts)
     if optim.get("freeze_backbone", False):
         if not head:

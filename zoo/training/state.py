@@ -18,6 +18,10 @@ class TrainState:
       model_state: non-trainable model collections, e.g. {"batch_stats": ...}.
       opt_state: optax state.
       extra: method state that is not trained by gradients (EMA teacher, DINO centre).
+      ema: the exponential moving average of the weights, {"params": ..., "model_state": ...}
+        (config `optim.ema_decay`, zoo/training/ema.py), or None without one. Checkpoints
+        leave a None out (zoo/training/checkpoint.py `state_tree`), so runs without an EMA
+        write and read the same checkpoints as before it existed.
     """
 
     step: jax.Array
@@ -25,3 +29,4 @@ class TrainState:
     model_state: Any
     opt_state: Any
     extra: Any
+    ema: Any = None

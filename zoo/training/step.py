@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zoo import cpu, parallel
 from zoo.parallel import DATA_AXIS
+from zoo.training import ema as ema_lib
 from zoo.training.state import TrainState
 
 MODES = ("jit", "pmap")
@@ -68,6 +69,8 @@ def train_step(
     schedule,
     skip_nonfinite: bool = False,
     grad_accum_steps: int = 1,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = True,
     shards: int = 1,
     axis_name: str | None = None,
 ):
@@ -81,9 +84,17 @@ def train_step(
 
     A NaN or infinite loss or gradient norm in the metrics stops the run (the loop checks them
     on the host, zoo/training/loop.py); with `skip_nonfinite` such a step leaves params,
-    optimizer state, model state and extra as they were (only `step` advances). Without it
-    the program is the plain step: a flag computed in it slowed small models (SPEED.md).
+    optimizer state, model state, extra and EMA as they were (only `step` advances). Without
+    it the program is the plain step: a flag computed in it slowed small models (SPEED.md).
+
+    With `ema_decay` > 0 the state's `ema` (zoo/training/ema.py) moves towards the updated
+    params and model state, with the decay `ema_decay(state.step, ema_decay, ema_warmup)`.
     """
+    if ema_decay and state.ema is None:
+        raise ValueError(
+            "train_step has ema_decay > 0 but the state has no EMA: build the state with one "
+            "(zoo.training.loop.init_state(..., ema=True), or state.replace(ema=init_ema(...)))"
+        )
     rng = jax.random.fold_in(rng, state.step)  # never stored: the step makes it unique
     augment_rng, loss_rng = jax.random.split(rng)
     batch = augment(batch, augment_rng, axis_name)
@@ -114,13 +125,17 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extra = method.update_extra(state.extra, params, aux, state.step)  # e.g. the EMA teacher
+    ema = state.ema
+    if ema_decay:
+        decay = ema_lib.ema_decay(state.step, ema_decay, ema_warmup)
+        ema = ema_lib.update_ema(ema, params, model_state, decay)
     grad_norm = optax.global_norm(grads)
     if skip_nonfinite:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updated = (params, model_state, opt_state, extra)
-        old = (state.params, state.model_state, state.opt_state, state.extra)
+        updated = (params, model_state, opt_state, extra, ema)
+        old = (state.params, state.model_state, state.opt_state, state.extra, state.ema)
         updated = jax.tree.map(lambda new, kept: jnp.where(finite, new, kept), updated, old)
-        params, model_state, opt_state, extra = updated
+        params, model_state, opt_state, extra, ema = updated
     metrics = parallel.mean({**metrics, "loss": loss}, axis_name)  # means of equal shards
     metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step)}
     new_state = state.replace(
@@ -129,6 +144,7 @@ def train_step(
         model_state=model_state,
         opt_state=opt_state,
         extra=extra,
+        ema=ema,
     )
     return new_state, metrics
 
