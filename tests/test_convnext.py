@@ -74,3 +74,18 @@ def test_stochastic_depth_only_in_training():
     eval_b, train_b = run(variables, jax.random.PRNGKey(3))
     np.testing.assert_array_equal(eval_a, eval_b)
     assert not np.allclose(train_a, train_b)
+
+
+def test_stem2_variant_ends_on_a_2x2_map_at_32_px():
+    model = zoo.create_model("convnext_atto_stem2_32")
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def run():  # shapes only (eval_shape): nothing is compiled
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        return model.apply(variables, x, train=False, capture_intermediates=True)
+
+    logits, state = jax.eval_shape(run)
+    outputs = state["intermediates"]
+    assert outputs["stem_0"]["__call__"][0].shape == (1, 16, 16, 40)
+    assert outputs["stages_3"]["__call__"][0].shape == (1, 2, 2, 320)
+    assert logits.shape == (1, 10)

@@ -93,3 +93,19 @@ def test_batchnorm_statistics_update_in_training_only():
     old = variables["batch_stats"]["bn1"]["mean"]
     new = updates["batch_stats"]["bn1"]["mean"]
     assert not np.allclose(old, new)
+
+
+def test_stride_one_stem_keeps_the_resolution():
+    """efficientnet_b0_stem1_32: the stem keeps 32 px, so the last stage sees 2x2, not 1x1."""
+    model = zoo.create_model("efficientnet_b0_stem1_32")
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def run():  # shapes only (eval_shape): nothing is compiled
+        variables = model.init(jax.random.PRNGKey(0), x, train=False)
+        return model.apply(variables, x, train=False, capture_intermediates=True)
+
+    logits, state = jax.eval_shape(run)
+    outputs = state["intermediates"]
+    assert outputs["conv_stem"]["__call__"][0].shape == (1, 32, 32, 32)
+    assert outputs["conv_head"]["__call__"][0].shape == (1, 2, 2, 1280)
+    assert logits.shape == (1, 10)

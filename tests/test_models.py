@@ -7,7 +7,8 @@ import pytest
 
 import zoo
 
-# Trainable parameters at num_classes=1000, as timm counts them (shared/FACTS.md).
+# Trainable parameters at num_classes=1000, as timm counts them (shared/FACTS.md), or as zoo
+# does for its own variants.
 # A registered model without a pinned count fails `test_every_model_has_a_pinned_count`.
 PARAM_COUNTS = {
     # ResNet family (timm)
@@ -74,6 +75,12 @@ PARAM_COUNTS = {
     "swin_small_patch4_window7_224": 49_606_258,
     "swin_base_patch4_window7_224": 87_768_224,
     "swin_base_patch4_window12_384": 87_903_584,
+    # zoo's own 32 px variants (no timm counterpart): counted by zoo at 1000 classes like the
+    # rest (at 10 classes: 1,205,898 / 1,268,356 / 3,376,290 / 4,020,358).
+    "vit_nano_patch4_32": 1_333_608,
+    "swin_nano_patch2_window4_32": 1_459_426,
+    "convnext_atto_stem2_32": 3_694_080,
+    "efficientnet_b0_stem1_32": 5_288_548,
 }
 
 # Input side for the run test: 32 unless a model needs another (e.g. a window size to divide).
@@ -96,6 +103,9 @@ SLOW_TO_RUN |= {
     "deit_small_patch16_224",
     "swin_tiny_patch4_window7_224",
 }
+# zoo's 32 px ViT and Swin: 6 and 20 s eagerly; tests/test_compare.py trains the ViT end to end,
+# tests/test_swin.py checks the Swin's windows (and a 2-stage Swin jitted).
+SLOW_TO_RUN |= {"vit_nano_patch4_32", "swin_nano_patch2_window4_32"}
 # ConvNeXt and EfficientNet: eagerly even the smallest take 30-60 s here (many small ops);
 # tests/test_convnext.py and tests/test_efficientnet.py run them jitted (eval, train, features).
 SLOW_TO_RUN |= {n for n in PARAM_COUNTS if n.startswith("convnext_") or "efficientnet_" in n}

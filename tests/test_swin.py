@@ -30,6 +30,12 @@ def test_windows_follow_img_size_like_timm():
     assert zoo.create_model(NAME, img_size=64).stage_windows() == [(7, 3), (7, 3), (4, 0), (2, 0)]
 
 
+def test_nano_variant_windows_divide_its_32_px_stages():
+    # 16 -> 8 -> 4 token grids: shifted 4x4 windows, then the whole 4x4 map unshifted.
+    model = zoo.create_model("swin_nano_patch2_window4_32")
+    assert model.stage_windows() == [(4, 2), (4, 2), (4, 0)]
+
+
 @pytest.fixture(scope="module")
 def small():
     """A 2-stage Swin-T-shaped model, initialised once (jit: one compile, not one per op)."""

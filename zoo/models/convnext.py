@@ -31,7 +31,7 @@ import numpy as np
 from zoo.models.conv import Conv
 from zoo.models.layers import Dropout, DropPath, LayerScale, Mlp, global_avg_pool
 from zoo.models.norms import LayerNorm
-from zoo.models.registry import PretrainedConfig, register_variant
+from zoo.models.registry import SMALL_IMAGE_32, PretrainedConfig, register_variant
 from zoo.models.weights import torch_to_flax
 
 # timm initialises every conv and linear weight with trunc_normal(std=0.02), biases with 0.
@@ -266,4 +266,16 @@ _register(
 )
 _register(
     "convnext_large", "fb_in22k_ft_in1k", 0.875, depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)
+)
+
+# zoo's own 32 px variant (no timm counterpart, no weights) for small-image datasets:
+# ConvNeXt-Atto with a 2 x 2 stem, so the four stages see 16 -> 8 -> 4 -> 2 grids instead of
+# 8 -> 4 -> 2 -> 1 (a 1 x 1 last stage would leave its 7 x 7 depthwise kernels one tap each).
+register_variant(
+    "convnext_atto_stem2_32",
+    ConvNeXt,
+    dict(depths=(2, 2, 6, 2), dims=(40, 80, 160, 320), patch_size=2, num_classes=10),
+    pretrained=SMALL_IMAGE_32,
+    from_timm=convnext_from_timm,
+    head=("head_fc",),
 )

@@ -34,7 +34,13 @@ import numpy as np
 from zoo.models.conv import Conv
 from zoo.models.layers import Dropout, DropPath, SqueezeExcite, global_avg_pool
 from zoo.models.norms import BatchNorm
-from zoo.models.registry import INCEPTION_MEAN, INCEPTION_STD, PretrainedConfig, register_variant
+from zoo.models.registry import (
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    SMALL_IMAGE_32,
+    PretrainedConfig,
+    register_variant,
+)
 from zoo.models.weights import torch_to_flax
 
 # EfficientNet-B0 (the paper's table 1), one row per stage:
@@ -161,6 +167,8 @@ class EfficientNet(nn.Module):
       activation: "swish" (EfficientNet) or "relu6" (Lite).
       padding: "symmetric" (torch) or "same" (TensorFlow, for the `tf_*` weights).
       stem_features, head_features: widths before scaling.
+      stem_stride: stride of the 3x3 stem convolution; 1 keeps the input's resolution, the
+        usual adaptation to 32 px images (the last stage then sees 2x2 instead of 1x1).
       drop_rate: dropout before the classifier (the paper: 0.2 for B0 ... 0.5 for B7).
       drop_path_rate: drop-connect, increased linearly over blocks (the paper: 0.2).
       bn_momentum, bn_epsilon: BatchNorm running-average decay and epsilon.
@@ -178,6 +186,7 @@ class EfficientNet(nn.Module):
     padding: str = "symmetric"
     stem_features: int = 32
     head_features: int = 1280
+    stem_stride: int = 2
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     bn_momentum: float = 0.9
@@ -252,7 +261,8 @@ class EfficientNet(nn.Module):
 
         stem, head = self.widths()
         x = x.astype(self.dtype)
-        x = act(norm(name="bn1")(conv(stem, 3, 2, name="conv_stem")(x)))  # [B, H/2, W/2, C]
+        x = conv(stem, 3, self.stem_stride, name="conv_stem")(x)  # [B, H/s, W/s, C]
+        x = act(norm(name="bn1")(x))
         for spec in self.block_specs():
             block = DepthwiseSeparable if spec.kind == "ds" else InvertedResidual
             name = f"blocks_{spec.stage}_{spec.index}"
@@ -434,3 +444,7 @@ for _key, ((_w, _d), (_tag, _size, _crop), (_tf_size, _tf_crop, _tf_interp)) in 
         **_LITE_ARGS,
         **_TF,
     )
+
+# zoo's own 32 px variant (no timm counterpart, no weights) for small-image datasets: B0 with
+# a stride-1 stem, so that its five stride-2 stages end on a 2x2 map at 32 px, not 1x1.
+_register("efficientnet_b0_stem1_32", SMALL_IMAGE_32, stem_stride=1, num_classes=10)

@@ -43,6 +43,14 @@ class PretrainedConfig:
     timm_name: str = ""  # e.g. "resnet50.a1_in1k"; timm/HF hub id of the weights
 
 
+# zoo's own small-image variants (`vit_nano_patch4_32`, ...): no timm counterpart and no
+# weights, so this only says what they are built for: 32 x 32 inputs (CIFAR, or 28 px
+# Fashion-MNIST padded to 32) and 10 classes, without a class-name list.
+SMALL_IMAGE_32 = PretrainedConfig(
+    input_size=(32, 32, 3), crop_pct=1.0, num_classes=10, label_names="", timm_name=""
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
     factory: Callable[..., nn.Module]

@@ -47,7 +47,7 @@ from zoo.models.layers import (
     windows_out,
 )
 from zoo.models.norms import layer_norm
-from zoo.models.registry import PretrainedConfig, register_variant
+from zoo.models.registry import SMALL_IMAGE_32, PretrainedConfig, register_variant
 
 
 def window_partition(x: jax.Array, window: tuple[int, int]) -> jax.Array:
@@ -314,4 +314,23 @@ _register(
     depths=(2, 2, 18, 2),
     num_heads=(4, 8, 16, 32),
     window_size=12,
+)
+
+# zoo's own 32 px variant (no timm counterpart, no weights) for small-image datasets: 2 px
+# patches, three stages on 16 -> 8 -> 4 grids, each divided by the 4 x 4 window (the last
+# stage's window is its whole map, unshifted, as timm's are when the map fits in the window).
+register_variant(
+    "swin_nano_patch2_window4_32",
+    SwinTransformer,
+    dict(
+        img_size=32,
+        patch_size=2,
+        embed_dim=48,
+        depths=(2, 2, 2),
+        num_heads=(3, 6, 12),
+        window_size=4,
+        num_classes=10,
+    ),
+    pretrained=SMALL_IMAGE_32,
+    from_timm=swin_from_timm,
 )

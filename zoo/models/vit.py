@@ -45,6 +45,7 @@ from zoo.models.registry import (
     IMAGENET_STD,
     INCEPTION_MEAN,
     INCEPTION_STD,
+    SMALL_IMAGE_32,
     PretrainedConfig,
     register_variant,
 )
@@ -323,3 +324,13 @@ _register("deit_tiny_patch16_224", "fb_in1k", "tiny", 16)
 _register("deit_small_patch16_224", "fb_in1k", "small", 16)
 _register("deit_base_patch16_224", "fb_in1k", "base", 16)
 _register("deit_base_distilled_patch16_224", "fb_in1k", "base", 16, distilled=True)
+
+# zoo's own 32 px variant (no timm counterpart, no weights) for small-image datasets: 4 px
+# patches give an 8 x 8 grid (+ the class token), the token count of a 16 px ViT at 128 px.
+register_variant(
+    "vit_nano_patch4_32",
+    VisionTransformer,
+    dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, num_classes=10),
+    pretrained=SMALL_IMAGE_32,
+    from_timm=vit_from_timm,
+)

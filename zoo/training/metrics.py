@@ -192,3 +192,30 @@ def plot_confusion_matrix(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: str | pathlib.Path, title: str = "") -> None:
+    """Eval accuracy against wall minutes and against parameters (log scale), one labelled
+    point per model, coloured by family: `python -m zoo.compare`'s rows (`model`, `family`,
+    `accuracy`, `wall_minutes`, `params`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("accuracy") is not None]
+    families = sorted({r["family"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    panels = (("wall_minutes", "wall time (min)", "linear"), ("params", "parameters", "log"))
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        for r in rows:
+            point = (r[key], 100 * r["accuracy"])
+            ax.scatter(*point, color=f"C{families.index(r['family']) % 10}")
+            ax.annotate(r["model"], point, xytext=(4, 4), textcoords="offset points", fontsize=8)
+        ax.set(xlabel=label, ylabel="eval accuracy (%)", xscale=scale)
+        ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
