@@ -202,6 +202,7 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | pathlib.Path, title:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in rows if r.get("accuracy") is not None]
     families = sorted({r["family"] for r in rows})
@@ -213,6 +214,10 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | pathlib.Path, title:
             ax.scatter(*point, color=f"C{families.index(r['family']) % 10}")
             ax.annotate(r["model"], point, xytext=(4, 4), textcoords="offset points", fontsize=8)
         ax.set(xlabel=label, ylabel="eval accuracy (%)", xscale=scale)
+        if scale == "log":  # "0.3 M" at round values, instead of overlapping 10^x labels
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(lambda value, _: f"{value / 1e6:g} M")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
