@@ -128,7 +128,8 @@ def base() -> ml_collections.ConfigDict:
     c.schedule.warmup_steps = 0  # if 0, warmup_epochs is used
     c.schedule.warmup_epochs = 0.0
     c.schedule.end_lr_factor = 0.0
-    # exponential (staircase, after the warmup): lr * decay_rate ** (epochs // decay_epochs)
+    # exponential (staircase from step 0, as TF; the warmup overrides its start):
+    # lr * decay_rate ** (epochs // decay_epochs)
     c.schedule.decay_rate = 0.97
     c.schedule.decay_epochs = 2.4
 

@@ -182,12 +182,14 @@ def test_ema_resumes_is_evaluated_and_predicts(tmp_path, capsys):
     assert not np.array_equal(
         ema.variables["params"]["fc"]["kernel"], resumed["params"]["fc"]["kernel"]
     )
-    # Fine-tuning from the workdir: the EMA starts from the loaded weights (not the random
-    # ones), so after one update (decay 0.1 with the warmup) it is 0.1 loaded + 0.9 new.
+    # Fine-tuning from the workdir loads its EMA (the weights the run reported), and the new
+    # run's EMA starts from them (not the random ones), so after one update (decay 0.1 with
+    # the warmup) it is 0.1 loaded + 0.9 new.
     config = tiny_run_config(**{"total_steps": 1, "init_from": str(workdir), "evals.names": ""})
     loop.run(config, tmp_path / "finetune")
     tuned = jax.device_get(restore_on_this_host(tmp_path / "finetune/checkpoints/1/state"))
-    want = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, resumed["params"], tuned["params"])
+    loaded = resumed["ema"]["params"]
+    want = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, loaded, tuned["params"])
     jax.tree.map(
         lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6),
         tuned["ema"]["params"],

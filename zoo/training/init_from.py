@@ -85,10 +85,14 @@ def load_init_from(config: Any, model, state: TrainState) -> tuple[Any, Any, lis
 
 
 def ssl_backbone(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """{"params", <collections>} of a restored train state; for a self-supervised run's state
-    (params {"backbone": ..., heads...}), its backbone's: the EMA teacher's where the method
-    evaluates the teacher (DINO), else the trained network's."""
+    """{"params", <collections>} of a restored train state: its EMA of the weights when the
+    run kept one (`optim.ema_decay`; the weights its `ema_*` metrics and `load_classifier`
+    report); for a self-supervised run's state (params {"backbone": ..., heads...}), its
+    backbone's: the EMA teacher's where the method evaluates the teacher (DINO), else the
+    trained network's."""
     params, model_state = checkpoint["params"], checkpoint["model_state"]
+    if checkpoint.get("ema") is not None:
+        params, model_state = checkpoint["ema"]["params"], checkpoint["ema"]["model_state"]
     if "backbone" not in params:
         return {"params": params, **model_state}
     extra = checkpoint.get("extra") or {}
