@@ -58,6 +58,7 @@ from zoo import cpu
 from zoo.cpu import CpuPolicy
 from zoo.methods.supervised import supervised
 from zoo.models import create_model
+from zoo.models.cost import compiled_flops
 from zoo.training import step as step_lib
 from zoo.training.optim import build_optimizer
 from zoo.training.state import TrainState
@@ -191,10 +192,10 @@ def zoo_runner(
         compiled = forward.lower(variables, data["image"]).compile()
         compile_s = time.perf_counter() - start
         images = jax.device_put(data["image"])
-        flops = xla_flops(compiled) / batch
+        flops = compiled_flops(compiled) / batch
         return Runner(lambda: compiled(variables, images).block_until_ready(), compile_s, flops)
     one = forward.lower(variables, data["image"][:1]).compile()
-    flops = 3 * xla_flops(one)  # forward + backward ~ 3 x forward (see module docstring)
+    flops = 3 * compiled_flops(one)  # forward + backward ~ 3 x forward (see module docstring)
     mesh = step_lib.make_mesh(jax.devices()[:1])
     method = supervised(model, num_classes)
     tx, schedule = build_optimizer(*optimizer_config(case.optimizer), 1000, 100)
@@ -226,13 +227,6 @@ def zoo_runner(
         jax.block_until_ready(metrics)
 
     return Runner(step, compile_s, flops)
-
-
-def xla_flops(compiled) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):  # older jax: one dict per computation
-        analysis = analysis[0]
-    return float(analysis.get("flops", 0.0))
 
 
 def timm_runner(

@@ -164,6 +164,21 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def deit_augmentation(c: ml_collections.ConfigDict, size: int) -> ml_collections.ConfigDict:
+    """DeiT's data recipe (Touvron et al. 2021), which Swin and ConvNeXt kept: Inception crop
+    at `size` + flip (bicubic), RandAugment m9 mstd0.5, random erasing 0.25, mixup 0.8 /
+    cutmix 1.0, label smoothing 0.1; eval from a resize to size / 0.875, bicubic."""
+    c.data.train_ops = (
+        f"random_resized_crop(size={size}, interpolation='bicubic')|flip"
+        "|rand_augment(magnitude=9, magnitude_std=0.5)|random_erasing(prob=0.25)"
+    )
+    c.data.eval_ops = f"resize_center_crop(size={size}, crop_pct=0.875, interpolation='bicubic')"
+    c.data.mixup_alpha = 0.8
+    c.data.cutmix_alpha = 1.0
+    c.method.label_smoothing = 0.1
+    return c
+
+
 def runlocal(c: ml_collections.ConfigDict, model_name: str) -> ml_collections.ConfigDict:
     """big_vision's `runlocal`: the same recipe shrunk to a smoke test on a CPU, so that it
     runs in seconds and cannot rot (tests/test_recipes.py runs every recipe this way).

@@ -21,17 +21,10 @@ def get_config(arg: str | None = None):
     c.data.name = "imagenet2012"
     c.data.batch_size = 1024
     c.data.eval_batch_size = 1000
-    c.data.train_ops = (
-        f"random_resized_crop(size={size}, interpolation='bicubic')|flip"
-        "|rand_augment(magnitude=9, magnitude_std=0.5)|random_erasing(prob=0.25)"
-    )
-    c.data.eval_ops = f"resize_center_crop(size={size}, crop_pct=0.875, interpolation='bicubic')"
+    common.deit_augmentation(c, size)
     c.data.num_workers = 8
-    c.data.mixup_alpha = 0.8
-    c.data.cutmix_alpha = 1.0
     c.data.repeated_augmentations = 3
     c.num_epochs = 300.0
-    c.method.label_smoothing = 0.1
     c.optim.name = "adamw"
     c.optim.lr = 5e-4
     c.optim.lr_base_batch = 512

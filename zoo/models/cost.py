@@ -40,7 +40,12 @@ def forward_flops(model: nn.Module, image_shape: Sequence[int]) -> float:
     variables = _variable_shapes(model, image_shape)
     image = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     forward = jax.jit(cpu.traced(lambda v, x: model.apply(v, x, train=False), None))
-    analysis = forward.lower(variables, image).compile().cost_analysis()
+    return compiled_flops(forward.lower(variables, image).compile())
+
+
+def compiled_flops(compiled: Any) -> float:
+    """The FLOPs of a compiled program by XLA's cost analysis (0 where it has no count)."""
+    analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):  # older jax: one dict per computation
         analysis = analysis[0]
     return float(analysis.get("flops", 0.0))

@@ -157,8 +157,8 @@ class Checkpointer:
 
         if jax.process_count() == 1:
             # One copy to save: orbax splits a replicated array into one slice per device to
-            # write them in parallel, compiling a slice for each shape (~0.05 s each: half a
-            # minute for an EfficientNet's state on 8 CPU devices), to the same memory.
+            # write them in parallel, compiling a slice for each shape, all to the same memory
+            # (SPEED.md, "Recipes, EMA and the comparison").
             state = jax.device_put(state, jax.local_devices()[0])
         self.manager.save(
             step,
