@@ -12,6 +12,7 @@ import logging
 import math
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -279,8 +280,23 @@ def build(config: Any, spec: Any, mesh: Any) -> Parts:
     )
 
 
-def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains and evaluates as `config` says; returns the final eval metrics."""
+def run(
+    config: Any,
+    workdir: str | pathlib.Path,
+    *,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Trains and evaluates as `config` says; returns the final eval metrics.
+
+    Args:
+      config: the run config (configs/*.py).
+      workdir: where checkpoints, metrics, plots and the summary go; a workdir with a
+        checkpoint resumes from it.
+      on_metrics: called on process 0 with each record as it is appended to metrics.jsonl,
+        in order: `{"step", "split": "train" | "eval", **scalars}` (train: means since the
+        last log; eval: the evaluators' metrics), e.g. to plot live in a notebook. An
+        exception it raises stops the run.
+    """
     workdir = pathlib.Path(workdir)
     check_run_config(config, workdir)  # before anything is built, read or compiled
     mesh = make_mesh()
@@ -347,7 +363,7 @@ def run(config: Any, workdir: str | pathlib.Path) -> dict[str, Any]:
     features_step = parallel.compile_eval_step(
         method=method, augment=eval_augment, output="features"
     )
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, on_record=on_metrics)
     eval_every = config.evals.every_steps or steps_per_epoch
     log_every = config.logging.every_steps
 

@@ -10,7 +10,7 @@ import json
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,10 +27,17 @@ def is_main_process() -> bool:
 class MetricWriter:
     """Appends `{"step": s, "split": name, **scalars}` lines to metrics.jsonl and writes the
     same scalars as TensorBoard summaries (tensorboardX: no TensorFlow needed); nothing when
-    not `enabled` (default: on process 0 only)."""
+    not `enabled` (default: on process 0 only). `on_record`, when given, is called with each
+    record after it is written (e.g. a notebook's live plot)."""
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        enabled: bool | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ):
         self.enabled = is_main_process() if enabled is None else enabled
+        self.on_record = on_record
         self.workdir = pathlib.Path(workdir)
         self.jsonl = self.workdir / "metrics.jsonl"
         self.tensorboard = None
@@ -47,11 +54,14 @@ class MetricWriter:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
+        record = {"step": step, "split": split, **scalars}
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            f.write(json.dumps(record) + "\n")
         for key, value in scalars.items():
             self.tensorboard.add_scalar(f"{split}/{key}", value, step)
         self.tensorboard.flush()
+        if self.on_record is not None:
+            self.on_record(record)
 
     def close(self) -> None:
         if self.tensorboard is not None:
