@@ -55,8 +55,6 @@ SMALL = {
         " --config.checkpoint.every_steps=20"
     ),
 }
-# Run by .ci/run itself: the README's install and test commands.
-CI_COMMANDS = ("pip install", "python -m pytest")
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str, int]]:
