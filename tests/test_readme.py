@@ -241,3 +241,13 @@ def test_model_table_is_what_scripts_model_table_prints():
             model = zoo.create_model(name.strip("`"), num_classes=entry.pretrained.num_classes)
             count = cost.parameter_count(model, entry.pretrained.input_size)
             assert f"{count / 1e6:.2f} M" == params, name
+
+
+def test_links_point_to_files_and_headings_that_exist():
+    for target, anchor in re.findall(r"\]\(([^)#\s]+)(?:#([\w-]+))?\)", README_TEXT):
+        path = REPO / target
+        assert path.exists(), f"README links to a missing file: {target}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+            slugs = {re.sub(r"[^\w -]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"README links to a missing heading: {target}#{anchor}"
