@@ -235,3 +235,29 @@ def test_on_metrics_gets_each_record_of_metrics_jsonl_in_order(tmp_path):
     assert [(r["step"], r["split"]) for r in seen] == [
         (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"), (4, "eval"),
     ]  # fmt: skip
+
+
+def test_zoos_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """zoo writes its PNGs without pyplot: a notebook's (or any caller's) backend stays, so
+    the user's own figures still show after a training run or a prediction."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    from zoo.predict import annotate
+    from zoo.training import metrics
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend other than the Agg that zoo's files are drawn with
+    try:
+        records = [{"step": 1, "split": "train", "loss": 1.0, "accuracy": 0.5}]
+        metrics.plot_curves(records, tmp_path / "curves.png")
+        metrics.plot_confusion_matrix(np.eye(3, dtype=int), ["a", "b", "c"], tmp_path / "cm.png")
+        row = {"model": "m", "family": "f", "accuracy": 0.5, "wall_minutes": 1.0, "params": 1e6}
+        metrics.plot_comparison([row], tmp_path / "compare.png")
+        annotate(np.zeros((8, 8, 3), np.uint8), [("x", 0.9)], tmp_path / "annotated.png", "t")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    for name in ["curves", "cm", "compare", "annotated"]:
+        assert Image.open(tmp_path / f"{name}.png").format == "PNG"

@@ -124,14 +124,10 @@ def batches(paths: list[str], size: int) -> Iterator[list[str]]:
 
 def annotate(image, ranked: list[tuple[str, float]], path: pathlib.Path, title: str) -> None:
     """Writes a PNG: the image on the left, horizontal probability bars with labels beside it."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(
-        1, 2, figsize=(8, 3), dpi=100, gridspec_kw={"width_ratios": [1, 1.4]}
-    )
+    figure = Figure(figsize=(8, 3), dpi=100)
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
     left.imshow(image)
     left.set_axis_off()
     left.set_title(title, fontsize=9)
@@ -145,7 +141,6 @@ def annotate(image, ranked: list[tuple[str, float]], path: pathlib.Path, title: 
         right.text(value + 1, bar.get_y() + bar.get_height() / 2, f"{value:.1f}%", va="center")
     figure.tight_layout()
     figure.savefig(path, format="png")
-    plt.close(figure)
 
 
 def unique_png(folder: pathlib.Path, image_path: str, taken: set[str]) -> pathlib.Path:

@@ -142,12 +142,10 @@ def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path) -> None
     of feature evaluators) against step, from metrics.jsonl records (process 0 only)."""
     if not is_main_process():
         return
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     panels = (({"loss": ""}, "loss"), (ACCURACY_KEYS, "top-1 accuracy"))
     for ax, (keys, title) in zip(axes, panels, strict=True):
         for key, name in keys.items():
@@ -163,7 +161,6 @@ def plot_curves(records: list[dict[str, Any]], path: str | pathlib.Path) -> None
             ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_confusion_matrix(
@@ -173,15 +170,13 @@ def plot_confusion_matrix(
     (process 0 only)."""
     if not is_main_process():
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     matrix = np.asarray(matrix)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(6, 0.6 * len(class_names))
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ticks = np.arange(len(class_names))
     ax.set_xticks(ticks, class_names, rotation=45, ha="right")
@@ -201,22 +196,19 @@ def plot_confusion_matrix(
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_comparison(rows: list[dict[str, Any]], path: str | pathlib.Path, title: str = "") -> None:
     """Eval accuracy against wall minutes and against parameters (log scale), one labelled
     point per model, coloured by family: `python -m zoo.compare`'s rows (`model`, `family`,
     `accuracy`, `wall_minutes`, `params`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.figure import Figure
 
     rows = [r for r in rows if r.get("accuracy") is not None]
     families = sorted({r["family"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig = Figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
     panels = (("wall_minutes", "wall time (min)", "linear"), ("params", "parameters", "log"))
     for ax, (key, label, scale) in zip(axes, panels, strict=True):
         for r in rows:
@@ -233,4 +225,3 @@ def plot_comparison(rows: list[dict[str, Any]], path: str | pathlib.Path, title:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
