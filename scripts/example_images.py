@@ -14,16 +14,17 @@ import sys
 import numpy as np
 from PIL import Image
 
-EMBEDDED = pathlib.Path(__file__).resolve().parents[1] / "zoo/data/embedded/fashion_mnist_mini.npz"
+from zoo.data.datasets import get_dataset
+
 FASHION = {"trouser.png": 1, "boot.png": 9}  # file -> Fashion-MNIST label
 
 
 def main(folder: pathlib.Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    data = np.load(EMBEDDED)
+    test = get_dataset("fashion_mnist_mini").source("eval")
     for name, label in FASHION.items():
-        first = int(np.flatnonzero(data["test_labels"] == label)[0])
-        Image.fromarray(data["test_images"][first]).save(folder / name)
+        first = int(np.flatnonzero(test.labels == label)[0])
+        Image.fromarray(test[first]["image"][..., 0]).save(folder / name)
     try:
         import skimage.data
     except ImportError:

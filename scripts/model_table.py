@@ -17,15 +17,26 @@ import zoo
 from zoo.models import cost
 
 
-def row(name: str) -> list[str]:
+def model_and_shape(name: str):
+    """The model as the table counts it, its input shape, and its timm weights' name ("" for
+    zoo's 32 px models, which have none)."""
     pretrained = zoo.model_entry(name).pretrained  # None or no timm name: a 32 px model
-    small = pretrained is None or not pretrained.timm_name
-    model = zoo.create_model(name, num_classes=10 if small else pretrained.num_classes)
-    shape = (32, 32, 3) if small else pretrained.input_size
-    params = cost.parameter_count(model, shape)
+    if pretrained is None or not pretrained.timm_name:
+        return zoo.create_model(name, num_classes=10), (32, 32, 3), ""
+    model = zoo.create_model(name, num_classes=pretrained.num_classes)
+    return model, pretrained.input_size, pretrained.timm_name
+
+
+def params_cell(name: str) -> str:
+    model, shape, _ = model_and_shape(name)
+    return f"{cost.parameter_count(model, shape) / 1e6:.2f} M"
+
+
+def row(name: str) -> list[str]:
+    model, shape, timm_name = model_and_shape(name)
     gflops = cost.forward_flops(model, shape) / 1e9
-    weights = "none (train it)" if small else f"timm `{pretrained.timm_name}`"
-    return [f"`{name}`", f"{params / 1e6:.2f} M", f"{gflops:.2f}", str(shape[0]), weights]
+    weights = f"timm `{timm_name}`" if timm_name else "none (train it)"
+    return [f"`{name}`", params_cell(name), f"{gflops:.2f}", str(shape[0]), weights]
 
 
 def main(names: list[str]) -> None:
